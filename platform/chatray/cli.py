@@ -1,0 +1,98 @@
+"""``chatray`` command line: a thin click layer over the library.
+
+No torch/ray/transformers import at module level: ``chatray --help`` must answer instantly.
+Subcommand groups owned by a concern live next to it (``chatray/train/commands.py``,
+``chatray/serve/commands.py``) and are attached here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from chatray import __version__
+from chatray.config import ConfigError
+from chatray.errors import ChatrayError
+
+__all__ = ["main", "cli"]
+
+
+class _Root(click.Group):
+    """Turns library errors into one clean line plus a hint (``--debug`` keeps the traceback)."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except (ChatrayError, ConfigError, FileNotFoundError, ValueError, PermissionError, OSError) as e:
+            if os.environ.get("CHATRAY_DEBUG") == "1":
+                traceback.print_exc()
+            click.secho(f"error: {e}", fg="red", err=True)
+            hint = getattr(e, "hint", None)
+            if hint:
+                click.echo(f"hint: {hint}", err=True)
+            elif os.environ.get("CHATRAY_DEBUG") != "1":
+                click.echo("hint: rerun with --debug for the full traceback", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, "--version", prog_name="chatray")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """chatray: fine-tune and serve GPT-2 family dialogue models on Ray.
+
+    \b
+    Typical flow:
+      chatray data prepare --demo --out data/demo
+      chatray train --config jobs/finetune_tiny.yaml
+      chatray serve --checkpoint checkpoints/tiny-demo:best
+      chatray chat
+    """
+    if debug:
+        os.environ["CHATRAY_DEBUG"] = "1"
+
+
+def _attach() -> None:
+    from chatray.data.commands import data
+
+    cli.add_command(data)
+    try:
+        from chatray.train.commands import train
+    except ImportError:  # pragma: no cover - during development only
+        pass
+    else:
+        cli.add_command(train)
+    try:
+        from chatray.serve.commands import chat, generate, serve
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        for c in (serve, chat, generate):
+            cli.add_command(c)
+    try:
+        from chatray.cluster_commands import down, up
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        cli.add_command(up)
+        cli.add_command(down)
+
+
+_attach()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="chatray")
+
+
+if __name__ == "__main__":
+    main()
