@@ -10,6 +10,7 @@ of one file are reported together in a single :class:`ConfigError`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -34,11 +35,11 @@ class ConfigError(ValueError):
     def __init__(self, problems: list[str], source: str | None = None) -> None:
         self.problems = problems
         self.source = source
-        where = f" in {source}" if source else ""
+        where = f" ({source})" if source else ""
         if len(problems) == 1:
             msg = f"invalid config{where}: {problems[0]}"
         else:
-            msg = f"{len(problems)} problems in config{where}:\n" + "\n".join(f"  - {p}" for p in problems)
+            msg = f"{len(problems)} config problems{where}:\n" + "\n".join(f"  - {p}" for p in problems)
         super().__init__(msg)
 
 
@@ -145,7 +146,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str, problems: list[str])
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in names:
-            close = [n for n in names if n.replace("_", "") == str(key).replace("_", "").replace("-", "")]
+            close = difflib.get_close_matches(str(key).replace("-", "_"), sorted(names), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(sorted(names))})"
             problems.append(f"unknown key {prefix}{key}{hint}")
             continue

@@ -49,7 +49,7 @@ class EncodeStats:
 
 def _windows(msg_tok_starts: np.ndarray, n_tokens: int, max_length: int) -> tuple[list[tuple[int, int]], int]:
     """Greedy windows of whole messages, in token positions; returns (windows, truncated_count)."""
-    bounds = list(msg_tok_starts) + [n_tokens]
+    bounds = [int(b) for b in msg_tok_starts] + [int(n_tokens)]
     windows: list[tuple[int, int]] = []
     truncated = 0
     start = bounds[0]

@@ -39,13 +39,27 @@ def _say(progress: bool, msg: str) -> None:
         print(f"[chatray data] {msg}", file=sys.stderr, flush=True)
 
 
+_BACKENDS: dict[str, Any] = {}
+
+
+def _backend(tokenizer_json: str) -> Any:
+    """The Rust tokenizer for ``tokenizer_json``, cached per worker process (Ray reuses workers across tasks)."""
+    import hashlib
+
+    from tokenizers import Tokenizer
+
+    key = hashlib.sha256(tokenizer_json.encode()).hexdigest()
+    if key not in _BACKENDS:
+        _BACKENDS.clear()
+        _BACKENDS[key] = Tokenizer.from_str(tokenizer_json)
+    return _BACKENDS[key]
+
+
 class _Tokenize:
-    """Ray Data actor: holds one Rust tokenizer and encodes batches of conversations."""
+    """Encodes one batch of conversations (a Ray Data task; the tokenizer is cached per worker)."""
 
     def __init__(self, tokenizer_json: str, max_length: int, train_on_all: bool) -> None:
-        from tokenizers import Tokenizer
-
-        self.backend = Tokenizer.from_str(tokenizer_json)
+        self.backend = _backend(tokenizer_json)
         self.max_length = max_length
         self.train_on_all = train_on_all
 
@@ -85,6 +99,14 @@ class _Tokenize:
             "stat_truncated": pa.array(stat_col[:-1] + [counts[2]], type=pa.int64()),
             "stat_dropped": pa.array(stat_col[:-1] + [counts[3]], type=pa.int64()),
         })
+
+
+def _tokenize_batch(batch: Any, tokenizer_json: Any, max_length: int, train_on_all: bool) -> Any:
+    if not isinstance(tokenizer_json, str):  # an ObjectRef passed through fn_kwargs
+        import ray
+
+        tokenizer_json = ray.get(tokenizer_json)
+    return _Tokenize(tokenizer_json, max_length, train_on_all)(batch)
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -263,12 +285,11 @@ def prepare_dataset(
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # deterministic output for a given seed
         ctx.enable_progress_bars = progress
+        tok_ref = ray.put(tok.backend_tokenizer.to_str())
         ds = ray.data.from_arrow(blocks).map_batches(
-            _Tokenize,
-            fn_constructor_kwargs={"tokenizer_json": tok.backend_tokenizer.to_str(), "max_length": max_length,
-                                   "train_on_all": train_on_all},
-            batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=1, runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+            _tokenize_batch,
+            fn_kwargs={"tokenizer_json": tok_ref, "max_length": max_length, "train_on_all": train_on_all},
+            batch_size=batch_size, batch_format="pyarrow", num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers),
         )
         t_enc = time.perf_counter()
         parts: dict[int, list] = {0: [], 1: []}

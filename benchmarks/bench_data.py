@@ -1,0 +1,110 @@
+"""Benchmark `chatray data prepare` against a bare `tokenizers` encode_batch over the same texts.
+
+Generates a corpus of N conversations (default 50,000) by recombining chatterbot-corpus exchanges, trains one
+BPE tokenizer (excluded from both timings: it is passed to prepare as a folder), then measures in one run:
+
+  baseline   tokenizers.Tokenizer.encode_batch over the rendered conversations (2 cores, Rust threads)
+  prepare    prepare_dataset() end to end: read + validate JSONL, Ray start-up, Ray Data tokenization,
+             label masks, Parquet shards, manifest; Ray start-up and first-batch time printed separately
+and prints tokens/s for each and the ratio (target >= 0.5), plus how prepare scales with workers/shards.
+
+    python benchmarks/bench_data.py [--conversations 50000] [--workers 1,2] [--shards 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+
+def make_corpus(path: Path, n: int, seed: int = 0) -> int:
+    from chatray.data.readers import iter_conversations
+
+    convs, _ = iter_conversations(["chatterbot:english", "chatterbot:chinese"])
+    pairs = [(c.messages[i]["content"], c.messages[i + 1]["content"]) for c in convs
+             for i in range(0, len(c.messages) - 1, 2)]
+    rng = random.Random(seed)
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(n):
+            msgs = []
+            for u, a in rng.sample(pairs, rng.randint(1, 4)):
+                msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+            f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+    return len(pairs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--conversations", type=int, default=50_000)
+    ap.add_argument("--workers", default="1,2", help="comma-separated tokenizer worker counts to measure")
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--max-length", type=int, default=512)
+    args = ap.parse_args()
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    from chatray.data.prepare import prepare_dataset
+    from chatray.data.readers import read_file
+    from chatray.data.tokenizer import render_chat, train_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="chatray-bench-data-"))
+    try:
+        corpus = work / "corpus.jsonl"
+        n_pairs = make_corpus(corpus, args.conversations)
+        convs, _ = read_file(corpus)
+        texts = [render_chat(c.messages)[0] for c in convs]
+        print(f"corpus: {len(convs):,} conversations from {n_pairs:,} chatterbot exchanges, "
+              f"{corpus.stat().st_size / 1e6:.1f} MB")
+        t = time.perf_counter()
+        tok = train_tokenizer(texts, 8000, max_length=args.max_length)
+        print(f"tokenizer training (excluded from both): {time.perf_counter() - t:.1f}s")
+        tokdir = work / "tok"
+        tok.save_pretrained(tokdir)
+
+        backend = tok.backend_tokenizer
+        backend.encode_batch(texts[:1000])  # warm-up
+        t = time.perf_counter()
+        encs = backend.encode_batch(texts, add_special_tokens=False)
+        base_s = time.perf_counter() - t
+        base_tokens = sum(len(e.ids) for e in encs)
+        base_tps = base_tokens / base_s
+        print(f"baseline  tokenizers.encode_batch: {base_tokens:,} tokens in {base_s:.2f}s = {base_tps:,.0f} tokens/s")
+
+        results = []
+        for w in [int(x) for x in args.workers.split(",")]:
+            import ray
+
+            t0 = time.perf_counter()
+            ray.init(num_cpus=max(w, 1), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+            ray_s = time.perf_counter() - t0
+            out = work / f"out-w{w}"
+            t1 = time.perf_counter()
+            m = prepare_dataset([str(corpus)], str(out), tokenizer=str(tokdir), max_length=args.max_length,
+                                shards=args.shards, num_workers=w, progress=False)
+            prep_s = time.perf_counter() - t1
+            ray.shutdown()
+            total_s = ray_s + prep_s
+            tokens = m["counts"]["tokens"]
+            tps = tokens / total_s
+            results.append((w, tps))
+            print(f"prepare   workers={w} shards={args.shards}: {tokens:,} tokens; Ray start-up {ray_s:.1f}s, "
+                  f"prepare {prep_s:.1f}s (Ray Data tokenization {m['timing_s']['encode']:.1f}s) -> "
+                  f"{tps:,.0f} tokens/s incl. start-up, {tokens / prep_s:,.0f} excl.; "
+                  f"ratio vs baseline {tps / base_tps:.2f} (incl. start-up), {tokens / prep_s / base_tps:.2f} (excl.)")
+            shutil.rmtree(out, ignore_errors=True)
+        best = max(r[1] for r in results)
+        print(f"RESULT ratio(best prepare incl. Ray start-up / bare encode_batch) = {best / base_tps:.2f} "
+              f"(target >= 0.5)")
+        if len(results) > 1:
+            print("scaling: " + ", ".join(f"{w} worker(s) {tps / results[0][1]:.2f}x" for w, tps in results))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""`data prepare` through Ray Data on a local Ray; read back with ray.data.read_parquet; S3 via moto."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from chatray.data.dataset import load_tokenizer, read_manifest, split_files
+from chatray.data.encode import IGNORE_INDEX
+from chatray.data.prepare import prepare_dataset
+from chatray.errors import ChatrayError
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def demo_dataset(tmp_path_factory, ray_session):
+    out = tmp_path_factory.mktemp("prep") / "demo"
+    m = prepare_dataset(["chatterbot:english", "chatterbot:chinese"], str(out), tokenizer="train:1500",
+                        max_length=96, eval_fraction=0.1, shards=3, seed=7, progress=False)
+    return out, m
+
+
+def test_layout_manifest_and_read_back_with_ray_data(demo_dataset, ray_session):
+    import ray
+
+    out, m = demo_dataset
+    assert (out / "manifest.json").is_file() and (out / "tokenizer" / "tokenizer.json").is_file()
+    assert [Path(f).name for f in m["splits"]["train"]["files"]] == [f"part-0000{i}.parquet" for i in range(3)]
+    ds = ray.data.read_parquet(str(out / "train"))
+    assert ds.count() == m["splits"]["train"]["rows"] > 1000
+    schema = pq.read_schema(out / "train" / "part-00000.parquet")
+    assert str(schema.field("input_ids").type) == "list<element: int32>"
+    assert str(schema.field("labels").type) == "list<element: int32>"
+    assert str(schema.field("length").type) == "int32"
+    rows = ds.take(200)
+    tok = load_tokenizer(str(out))
+    for r in rows:
+        assert 0 < r["length"] == len(r["input_ids"]) == len(r["labels"]) <= 96
+        loss = [i for i, lab in zip(r["input_ids"], r["labels"]) if lab != IGNORE_INDEX]
+        # Every assistant turn ends with EOS, except a single message truncated to max_length (counted).
+        assert loss and (tok.eos_token_id in loss or r["length"] == 96)
+    c = m["counts"]
+    assert c["conversations"] == m["splits"]["train"]["conversations"] + m["splits"]["eval"]["conversations"]
+    assert c["rows"] == m["splits"]["train"]["rows"] + m["splits"]["eval"]["rows"]
+    assert c["invalid_skipped"] >= 1  # the bundled corpus has a malformed record, counted not fatal
+    assert read_manifest(str(out))["tokenizer"]["fingerprint"].startswith("sha256:")
+
+
+def test_chinese_round_trips_through_dataset(demo_dataset):
+    out, _ = demo_dataset
+    tok = load_tokenizer(str(out))
+    texts = []
+    for f in split_files(str(out), "train") + split_files(str(out), "eval"):
+        for r in pq.read_table(f).to_pylist():
+            texts.append(tok.decode(r["input_ids"]))
+    assert any("运动" in t for t in texts)
+    assert "你喜欢什么运动?" == tok.decode(tok.encode("你喜欢什么运动?", add_special_tokens=False))
+    # The saved tokenizer formats prompts exactly like training rows.
+    ids = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True)
+    assert tok.decode(ids).endswith("<|assistant|>\n")
+
+
+def test_deterministic_for_a_seed(demo_dataset, tmp_path, ray_session):
+    out, m = demo_dataset
+    again = tmp_path / "again"
+    prepare_dataset(["chatterbot:english", "chatterbot:chinese"], str(again), tokenizer="train:1500",
+                    max_length=96, eval_fraction=0.1, shards=3, seed=7, progress=False)
+    for split in ("train", "eval"):
+        for f in m["splits"][split]["files"]:
+            assert pq.read_table(out / f).equals(pq.read_table(again / f)), f
+
+
+def test_no_overwrite_without_flag_and_atomic_replace(tmp_path, ray_session):
+    src = tmp_path / "d.jsonl"
+    rec = {"messages": [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]}
+    src.write_text("\n".join(json.dumps(rec) for _ in range(30)))
+    out = tmp_path / "ds"
+    prepare_dataset([str(src)], str(out), tokenizer="train:300", max_length=32, progress=False)
+    before = (out / "manifest.json").read_text()
+    with pytest.raises(ChatrayError, match="already exists"):
+        prepare_dataset([str(src)], str(out), tokenizer="train:300", max_length=32, progress=False)
+    assert (out / "manifest.json").read_text() == before
+    # A failing run (bad record) with --overwrite leaves the old dataset intact and no staging folder.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rec) + "\n{oops\n")
+    with pytest.raises(ChatrayError, match="bad.jsonl:line 2"):
+        prepare_dataset([str(bad)], str(out), overwrite=True, tokenizer="train:300", max_length=32, progress=False)
+    assert (out / "manifest.json").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "d.jsonl", "ds"]
+    m = prepare_dataset([str(src)], str(out), overwrite=True, tokenizer="train:300", max_length=32, seed=1,
+                        progress=False)
+    assert m["seed"] == 1 and json.loads((out / "manifest.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "d.jsonl", "ds"]
+
+
+def test_skip_invalid_counts_in_manifest(tmp_path, ray_session):
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    f = tmp_path / "mix.jsonl"
+    f.write_text("\n".join([json.dumps(good)] * 20 + ["{oops", '{"messages": []}']))
+    m = prepare_dataset([str(f)], str(tmp_path / "o"), tokenizer="train:300", max_length=32, skip_invalid=True,
+                        progress=False)
+    assert m["counts"]["invalid_skipped"] == 2 and m["counts"]["conversations"] == 20
+    assert any("mix.jsonl:line 21" in e for e in m["invalid_examples"])
+
+
+def test_s3_output_and_read_back(s3_server, ray_session, tmp_path):
+    import ray
+
+    from chatray.storage.uri import filesystem_for
+
+    uri = f"s3://{s3_server['bucket']}/datasets/en"
+    m = prepare_dataset(["chatterbot:english"], uri, tokenizer="train:800", max_length=64, shards=2, progress=False)
+    got = read_manifest(uri)
+    assert got["splits"] == m["splits"]
+    tok = load_tokenizer(uri)
+    assert tok.chat_template and len(tok) == m["tokenizer"]["vocab_size"]
+    fs, path = filesystem_for(uri)
+    ds = ray.data.read_parquet(f"{path}/train", filesystem=fs)
+    assert ds.count() == m["splits"]["train"]["rows"]
+    with pytest.raises(ChatrayError, match="already exists"):
+        prepare_dataset(["chatterbot:english"], uri, tokenizer="train:800", max_length=64, progress=False)

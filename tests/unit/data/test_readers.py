@@ -1,0 +1,125 @@
+"""Readers: every input form, auto-detection, and exact error locations for bad records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from chatray.data.readers import DataError, collect_files, iter_conversations, read_file
+from chatray.errors import ChatrayError
+
+
+def _write(p: Path, text: str | bytes) -> Path:
+    p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+    return p
+
+
+def test_openai_jsonl(tmp_path):
+    f = _write(tmp_path / "a.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello!"}]},
+        {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]},
+    ]))
+    convs, src = read_file(f)
+    assert src.format == "openai" and src.conversations == 2 and len(src.sha256) == 64
+    assert convs[0].messages[0] == {"role": "system", "content": "Be brief."}
+    assert convs[1].messages[1]["content"] == "你好！"
+    assert convs[1].source.endswith("a.jsonl:line 2")
+
+
+def test_sharegpt_json_and_jsonl(tmp_path):
+    rec = {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+    f1 = _write(tmp_path / "s.json", json.dumps([rec, rec]))
+    f2 = _write(tmp_path / "s.jsonl", json.dumps(rec) + "\n")
+    for f, n in ((f1, 2), (f2, 1)):
+        convs, src = read_file(f)
+        assert src.format == "sharegpt" and len(convs) == n
+        assert [m["role"] for m in convs[0].messages] == ["user", "assistant"]
+
+
+def test_turn_lists(tmp_path):
+    f = _write(tmp_path / "t.json", json.dumps([["hi", "hello", "how are you?", "fine"], ["q", "a"]]))
+    convs, src = read_file(f)
+    assert src.format == "turns"
+    assert [m["role"] for m in convs[0].messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_chatterbot_yaml(tmp_path):
+    f = _write(tmp_path / "c.yml", "categories:\n- x\nconversations:\n- - 你喜欢什么运动?\n  - 我喜欢足球。\n- - yes\n  - 42\n")
+    convs, src = read_file(f)
+    assert src.format == "chatterbot" and len(convs) == 2
+    assert convs[0].messages[0]["content"] == "你喜欢什么运动?"
+    assert convs[1].messages[1]["content"] == "42"  # YAML scalars coerced back to text
+
+
+def test_bundled_corpus_reads():
+    convs, sources = iter_conversations(["chatterbot:english", "chatterbot:chinese"])
+    assert len(convs) > 2000 and len(sources) > 30
+    assert any("运动" in m["content"] for c in convs for m in c.messages)
+
+
+@pytest.mark.parametrize(
+    "name, content, where, reason",
+    [
+        ("bad.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n',
+         "bad.jsonl:line 2", "malformed JSON"),
+        ("norole.jsonl", '{"messages": [{"content": "a"}]}\n', "norole.jsonl:line 1", "message 0: missing 'role'"),
+        ("nocontent.jsonl", '{"messages": [{"role": "user"}]}\n', "nocontent.jsonl:line 1", "missing 'content'"),
+        ("role.jsonl", '{"messages": [{"role": "robot", "content": "a"}]}\n', "role.jsonl:line 1",
+         "unknown role 'robot'"),
+        ("empty.jsonl", '{"messages": []}\n', "empty.jsonl:line 1", "empty conversation"),
+        ("noasst.jsonl", '{"messages": [{"role": "user", "content": "a"}]}\n', "noasst.jsonl:line 1",
+         "no assistant turn"),
+        ("blank.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]}\n',
+         "blank.jsonl:line 1", "empty content"),
+        ("speaker.json", '[{"conversations": [{"from": "alien", "value": "x"}]}]', "speaker.json: record 0",
+         "unknown speaker 'alien'"),
+        ("turn.json", '[["hi", 3]]', "turn.json: record 0", "turn 1: expected a string"),
+        ("single.json", '[["hi"]]', "single.json: record 0", "no assistant turn"),
+        ("bad.yml", "conversations:\n- - a\n  - [b\n", "bad.yml:line", "malformed YAML"),
+        ("empty.jsonl", "", "empty.jsonl", "file is empty"),
+    ],
+)
+def test_bad_records_name_file_line_and_reason(tmp_path, name, content, where, reason):
+    f = _write(tmp_path / name, content)
+    with pytest.raises(DataError) as ei:
+        read_file(f)
+    msg = str(ei.value)
+    assert where in msg and reason in msg, msg
+
+
+def test_wrong_encoding_names_line(tmp_path):
+    f = _write(tmp_path / "latin.jsonl", b'{"messages": []}\n{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    with pytest.raises(DataError, match=r"latin.jsonl:line 2: not valid UTF-8"):
+        read_file(f)
+
+
+def test_skip_invalid_counts_and_keeps_good(tmp_path):
+    good = '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}'
+    f = _write(tmp_path / "mix.jsonl", "\n".join([good, "{oops", good, '{"messages": []}']))
+    errors: list[str] = []
+    convs, src = read_file(f, skip_invalid=True, errors=errors)
+    assert len(convs) == 2 and src.skipped == 2
+    assert "mix.jsonl:line 2" in errors[0] and "mix.jsonl:line 4" in errors[1]
+
+
+def test_collect_files_and_missing(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    _write(tmp_path / "d" / "a.jsonl", "{}")
+    _write(tmp_path / "d" / "sub" / "b.yml", "x")
+    _write(tmp_path / "d" / "notes.txt", "x")
+    files = collect_files([str(tmp_path / "d")])
+    assert [f.name for f in files] == ["a.jsonl", "b.yml"]
+    with pytest.raises(ChatrayError, match="input not found"):
+        collect_files([str(tmp_path / "nope.jsonl")])
+    (tmp_path / "e").mkdir()
+    with pytest.raises(ChatrayError, match="no dialogue files"):
+        collect_files([str(tmp_path / "e")])
+
+
+def test_explicit_format_mismatch_is_reported(tmp_path):
+    f = _write(tmp_path / "a.jsonl", '{"conversations": [{"from": "human", "value": "x"}]}\n')
+    with pytest.raises(DataError, match="expected an object with a 'messages' list"):
+        read_file(f, "openai")
