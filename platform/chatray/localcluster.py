@@ -1,0 +1,161 @@
+"""A single-node Ray cluster on 127.0.0.1 for laptops and CI: start, check, stop.
+
+``ray start --head`` in Ray >= 2.5x turns on token authentication and writes the token to
+``~/.ray/auth_token``; clients (Jobs SDK, ``serve deploy``) then need ``RAY_AUTH_MODE=token``.
+:func:`ray_auth_env` provides exactly that, so nothing here turns authentication off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatray.errors import ChatrayError
+
+__all__ = [
+    "LocalCluster",
+    "cluster_alive",
+    "ray_auth_env",
+    "ray_executable",
+    "start_local_cluster",
+    "stop_local_cluster",
+]
+
+STATE_FILE = Path(os.environ.get("CHATRAY_HOME", Path.home() / ".chatray")) / "local-cluster.json"
+
+
+@dataclass
+class LocalCluster:
+    """Addresses of a local cluster."""
+
+    gcs_port: int = 6379
+    dashboard_port: int = 8265
+    host: str = "127.0.0.1"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.host}:{self.dashboard_port}"
+
+
+def ray_executable() -> str:
+    """The ``ray`` CLI next to this Python (the venv's), else the one on PATH."""
+    here = Path(sys.executable).parent / "ray"
+    if here.exists():
+        return str(here)
+    found = shutil.which("ray")
+    if not found:
+        raise ChatrayError("the `ray` command was not found", hint="pip install 'ray[default]'")
+    return found
+
+
+def ray_auth_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: os.environ) plus ``RAY_AUTH_MODE=token`` when a Ray auth token is available.
+
+    The token itself is read by Ray from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``.
+    """
+    out = dict(os.environ if env is None else env)
+    if "RAY_AUTH_MODE" not in out:
+        token_file = Path(out.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        if out.get("RAY_AUTH_TOKEN") or token_file.is_file():
+            out["RAY_AUTH_MODE"] = "token"
+    return out
+
+
+def _auth_header() -> dict[str, str]:
+    env = ray_auth_env()
+    token = env.get("RAY_AUTH_TOKEN")
+    path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if not token and path.is_file():
+        token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def cluster_alive(cluster: LocalCluster | None = None, timeout: float = 2.0) -> bool:
+    """Whether a Ray dashboard (and so a head node) answers on ``cluster``'s dashboard port."""
+    cluster = cluster or LocalCluster()
+    req = urllib.request.Request(f"{cluster.dashboard_url}/api/version", headers=_auth_header())
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status == 200
+    except urllib.error.HTTPError as e:
+        return e.code in (401, 403)  # alive, just refusing us
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_local_cluster(cluster: LocalCluster | None = None, num_cpus: int | None = None,
+                        temp_dir: str | None = None, wait_s: float = 90.0) -> tuple[LocalCluster, bool]:
+    """Start ``ray start --head`` on 127.0.0.1 unless a cluster already answers there.
+
+    Returns:
+        (cluster, started): started is False when an existing cluster was reused.
+
+    Raises:
+        ChatrayError: when ``ray start`` fails or the dashboard never comes up.
+    """
+    cluster = cluster or LocalCluster()
+    if cluster_alive(cluster):
+        return cluster, False
+    cmd = [ray_executable(), "start", "--head", f"--node-ip-address={cluster.host}", f"--port={cluster.gcs_port}",
+           "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.dashboard_port}", "--disable-usage-stats"]
+    if num_cpus:
+        cmd.append(f"--num-cpus={num_cpus}")
+    if temp_dir:
+        cmd.append(f"--temp-dir={temp_dir}")
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])
+        raise ChatrayError(f"`ray start --head` failed (exit {r.returncode}):\n{tail}",
+                           hint="is another Ray using port 6379? `ray stop` stops it")
+    deadline = time.time() + wait_s
+    while not cluster_alive(cluster):
+        if time.time() > deadline:
+            raise ChatrayError(f"Ray started but its dashboard never answered at {cluster.dashboard_url}")
+        time.sleep(1)
+    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
+    STATE_FILE.write_text(json.dumps({"address": cluster.address, "dashboard": cluster.dashboard_url,
+                                      "started_at": time.time()}))
+    return cluster, True
+
+
+def stop_local_cluster(force: bool = False) -> list[str]:
+    """Shut down Serve and stop the local cluster that :func:`start_local_cluster` started.
+
+    Args:
+        force: stop a running local Ray even if chatray did not start it.
+
+    Returns:
+        What was done, as short lines for the user.
+    """
+    done: list[str] = []
+    cluster = LocalCluster()
+    ours = STATE_FILE.exists()
+    if cluster_alive(cluster):
+        serve = Path(sys.executable).parent / "serve"
+        r = subprocess.run([str(serve) if serve.exists() else "serve", "shutdown", "-y", "-a", cluster.dashboard_url],
+                           capture_output=True, text=True, env=ray_auth_env(), timeout=120)
+        done.append("Serve shut down" if r.returncode == 0 else "Serve was not running")
+    if ours or force:
+        r = subprocess.run([ray_executable(), "stop", "--force"] if force else [ray_executable(), "stop"],
+                           capture_output=True, text=True, timeout=180)
+        done.append("local Ray cluster stopped" if r.returncode == 0 else f"ray stop failed: {r.stderr.strip()}")
+        STATE_FILE.unlink(missing_ok=True)
+    elif cluster_alive(cluster):
+        done.append("a Ray cluster chatray did not start is still running (use --force to stop it)")
+    if not done:
+        done.append("nothing to stop")
+    return done
