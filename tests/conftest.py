@@ -61,7 +61,7 @@ def s3_server():
         except Exception:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError("moto_server did not start")
+                raise RuntimeError("moto_server did not start") from None
             time.sleep(0.2)
     env = {
         "AWS_ACCESS_KEY_ID": "testing",

@@ -17,7 +17,7 @@ from chatray import __version__
 from chatray.config import ConfigError
 from chatray.errors import ChatrayError
 
-__all__ = ["main", "cli"]
+__all__ = ["cli", "main"]
 
 
 class _Root(click.Group):

@@ -21,9 +21,9 @@ __all__ = [
     "field_help",
     "from_dict",
     "load_config",
+    "opt",
     "parse_overrides",
     "to_dict",
-    "opt",
 ]
 
 T = TypeVar("T")
@@ -43,7 +43,7 @@ class ConfigError(ValueError):
         super().__init__(msg)
 
 
-def opt(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse/click naming
+def opt(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with a one-line help text (shown by ``--help`` and in errors).
 
     Mutable defaults (list/dict) are wrapped in a default_factory automatically.

@@ -11,7 +11,6 @@ A second run reuses the dataset, a finished training run, and a healthy deployme
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -58,7 +57,7 @@ def _job_settings() -> dict:
 
 def run_demo(fresh: bool = False, chat: bool = True) -> None:
     """Run the demo; raises ChatrayError with the failing step named."""
-    from chatray.localcluster import cluster_alive, ray_auth_env, start_local_cluster
+    from chatray.localcluster import ray_auth_env, start_local_cluster
 
     total = 5
     t_all = time.perf_counter()

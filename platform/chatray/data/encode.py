@@ -23,7 +23,7 @@ import numpy as np
 
 from chatray.data.tokenizer import render_chat
 
-__all__ = ["EncodeStats", "IGNORE_INDEX", "encode_batch", "encode_conversation"]
+__all__ = ["IGNORE_INDEX", "EncodeStats", "encode_batch", "encode_conversation"]
 
 IGNORE_INDEX = -100
 
@@ -126,8 +126,8 @@ def encode_batch(backend: Any, conversations: list[list[dict[str, str]]], max_le
     ids_out: list[np.ndarray] = []
     lab_out: list[np.ndarray] = []
     for (_, spans, starts), enc in zip(rendered, encs):
-        ids = np.asarray(enc.ids, dtype=np.int64)
-        offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        ids = np.array(enc.ids, dtype=np.int32)
+        offsets = np.array(enc.offsets, dtype=np.int64).reshape(-1, 2)
         for i, lab in encode_conversation(ids, offsets, spans, starts, max_length, stats):
             ids_out.append(i)
             lab_out.append(lab)

@@ -29,7 +29,7 @@ from chatray.data.tokenizer import CHAT_TEMPLATE, load_tokenizer_spec, render_ch
 from chatray.errors import ChatrayError
 from chatray.storage.uri import exists, filesystem_for, is_remote, join
 
-__all__ = ["prepare_dataset", "DEMO_INPUTS"]
+__all__ = ["DEMO_INPUTS", "prepare_dataset"]
 
 _STATS_SPLIT = -1  # sentinel rows that carry a batch's counts back to the driver
 
@@ -64,6 +64,7 @@ class _Tokenize:
         self.train_on_all = train_on_all
 
     def __call__(self, batch: Any) -> Any:
+        import numpy as np
         import pyarrow as pa
 
         from chatray.data.encode import encode_batch
@@ -84,20 +85,31 @@ class _Tokenize:
             split_rows += [split] * len(ids)
             total.add(st)
         counts = [total.conversations, total.split_conversations, total.truncated_messages, total.dropped_windows]
-        ids_rows.append([])
-        lab_rows.append([])
-        split_rows.append(_STATS_SPLIT)
         n = len(ids_rows)
-        stat_col = [0] * (n - 1) + [0]
+        # Build list<int32> columns from one flat buffer (no per-token Python objects); a last sentinel row
+        # (split = -1, empty lists) carries this batch's counts back to the driver.
+        lengths = np.fromiter((len(r) for r in ids_rows), dtype=np.int32, count=n)
+        offsets = np.zeros(n + 2, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1 : n + 1])
+        offsets[n + 1] = offsets[n]
+        flat_ids = np.concatenate(ids_rows).astype(np.int32) if n else np.zeros(0, np.int32)
+        flat_lab = np.concatenate(lab_rows).astype(np.int32) if n else np.zeros(0, np.int32)
+        zeros = np.zeros(n + 1, dtype=np.int64)
+
+        def stat(v: int) -> Any:
+            col = zeros.copy()
+            col[-1] = v
+            return pa.array(col)
+
         return pa.table({
-            "input_ids": pa.array([list(map(int, r)) for r in ids_rows], type=pa.list_(pa.int32())),
-            "labels": pa.array([list(map(int, r)) for r in lab_rows], type=pa.list_(pa.int32())),
-            "length": pa.array([len(r) for r in ids_rows], type=pa.int32()),
-            "split": pa.array(split_rows, type=pa.int8()),
-            "stat_conversations": pa.array(stat_col[:-1] + [counts[0]], type=pa.int64()),
-            "stat_split": pa.array(stat_col[:-1] + [counts[1]], type=pa.int64()),
-            "stat_truncated": pa.array(stat_col[:-1] + [counts[2]], type=pa.int64()),
-            "stat_dropped": pa.array(stat_col[:-1] + [counts[3]], type=pa.int64()),
+            "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids)),
+            "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_lab)),
+            "length": pa.array(np.append(lengths, 0).astype(np.int32)),
+            "split": pa.array(np.array(split_rows + [_STATS_SPLIT], dtype=np.int8)),
+            "stat_conversations": stat(counts[0]),
+            "stat_split": stat(counts[1]),
+            "stat_truncated": stat(counts[2]),
+            "stat_dropped": stat(counts[3]),
         })
 
 
@@ -118,7 +130,8 @@ def _check_out(out: str, overwrite: bool) -> None:
         p = Path(out)
         occupied = p.is_file() or (p.is_dir() and any(p.iterdir()))
     if occupied and not overwrite:
-        raise ChatrayError(f"output {out} already exists", hint="pass --overwrite to replace it, or choose another --out")
+        raise ChatrayError(f"output {out} already exists",
+                           hint="pass --overwrite to replace it, or choose another --out")
     if not is_remote(out) and Path(out).is_file():
         raise ChatrayError(f"output {out} is a file, not a folder")
 

@@ -23,11 +23,11 @@ from typing import Any, Literal
 from chatray.errors import ChatrayError
 
 __all__ = [
+    "FORMATS",
+    "ROLES",
     "Conversation",
     "DataError",
     "Format",
-    "FORMATS",
-    "ROLES",
     "collect_files",
     "detect_format",
     "iter_conversations",

@@ -47,7 +47,8 @@ def test_turn_lists(tmp_path):
 
 
 def test_chatterbot_yaml(tmp_path):
-    f = _write(tmp_path / "c.yml", "categories:\n- x\nconversations:\n- - 你喜欢什么运动?\n  - 我喜欢足球。\n- - yes\n  - 42\n")
+    f = _write(tmp_path / "c.yml",
+               "categories:\n- x\nconversations:\n- - 你喜欢什么运动?\n  - 我喜欢足球。\n- - yes\n  - 42\n")
     convs, src = read_file(f)
     assert src.format == "chatterbot" and len(convs) == 2
     assert convs[0].messages[0]["content"] == "你喜欢什么运动?"
@@ -63,7 +64,8 @@ def test_bundled_corpus_reads():
 @pytest.mark.parametrize(
     "name, content, where, reason",
     [
-        ("bad.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n',
+        ("bad.jsonl",
+         '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{oops\n',
          "bad.jsonl:line 2", "malformed JSON"),
         ("norole.jsonl", '{"messages": [{"content": "a"}]}\n', "norole.jsonl:line 1", "message 0: missing 'role'"),
         ("nocontent.jsonl", '{"messages": [{"role": "user"}]}\n', "nocontent.jsonl:line 1", "missing 'content'"),

@@ -109,7 +109,8 @@ def test_overlength_conversation_split_and_counted(tok):
     assert isinstance(stats, EncodeStats)
 
 
-UNICODE = ["你喜欢什么运动?", "Ça va? naïve café", "emoji 🤖 ok", "日本語とEnglish mixed  spaces .", "tabs\tand\nnewlines"]
+UNICODE = ["你喜欢什么运动?", "Ça va? naïve café", "emoji 🤖 ok", "日本語とEnglish mixed  spaces .",
+           "tabs\tand\nnewlines"]
 
 
 @pytest.mark.parametrize("text", UNICODE)
