@@ -215,7 +215,7 @@ def prepare_dataset(
     skip_invalid: bool = False,
     train_on_all: bool = False,
     num_workers: int | None = None,
-    batch_size: int = 1024,
+    batch_size: int = 4096,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Prepare a dialogue dataset for training.
