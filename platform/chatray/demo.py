@@ -97,7 +97,7 @@ def run_demo(fresh: bool = False, chat: bool = True) -> None:
     if best and (Path(best) / "model.safetensors").exists() and _run_finished(storage, run):
         _done(t, f"reusing finished run {run} (checkpoint {best}); pass --fresh to retrain")
     else:
-        _chatray("train", "submit", "--address", cluster.dashboard_url, "--config", str(JOB_CONFIG), "--follow",
+        _chatray("train", "submit", "--address", cluster.dashboard_url, "--config", str(JOB_CONFIG), "--wait",
                  *extra, env=env)
         best = resolve_checkpoint(f"{storage}/{run}:best")
         _done(t, f"best checkpoint {best}")

@@ -29,7 +29,9 @@ __all__ = [
     "stop_local_cluster",
 ]
 
-STATE_FILE = Path(os.environ.get("CHATRAY_HOME", Path.home() / ".chatray")) / "local-cluster.json"
+def _state_file() -> Path:
+    """Marks a cluster that chatray started (so `chatray down` stops only what it started)."""
+    return Path(os.environ.get("CHATRAY_HOME", Path.home() / ".chatray")) / "local-cluster.json"
 
 
 @dataclass
@@ -96,7 +98,8 @@ def cluster_alive(cluster: LocalCluster | None = None, timeout: float = 2.0) -> 
 
 
 def start_local_cluster(cluster: LocalCluster | None = None, num_cpus: int | None = None,
-                        temp_dir: str | None = None, wait_s: float = 90.0) -> tuple[LocalCluster, bool]:
+                        temp_dir: str | None = None, wait_s: float = 90.0,
+                        extra_env: dict[str, str] | None = None) -> tuple[LocalCluster, bool]:
     """Start ``ray start --head`` on 127.0.0.1 unless a cluster already answers there.
 
     Returns:
@@ -114,7 +117,7 @@ def start_local_cluster(cluster: LocalCluster | None = None, num_cpus: int | Non
         cmd.append(f"--num-cpus={num_cpus}")
     if temp_dir:
         cmd.append(f"--temp-dir={temp_dir}")
-    env = dict(os.environ)
+    env = dict(os.environ if extra_env is None else {**os.environ, **extra_env})
     env.pop("RAY_ADDRESS", None)
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -126,13 +129,13 @@ def start_local_cluster(cluster: LocalCluster | None = None, num_cpus: int | Non
         if time.time() > deadline:
             raise ChatrayError(f"Ray started but its dashboard never answered at {cluster.dashboard_url}")
         time.sleep(1)
-    STATE_FILE.parent.mkdir(parents=True, exist_ok=True)
-    STATE_FILE.write_text(json.dumps({"address": cluster.address, "dashboard": cluster.dashboard_url,
+    _state_file().parent.mkdir(parents=True, exist_ok=True)
+    _state_file().write_text(json.dumps({"address": cluster.address, "dashboard": cluster.dashboard_url,
                                       "started_at": time.time()}))
     return cluster, True
 
 
-def stop_local_cluster(force: bool = False) -> list[str]:
+def stop_local_cluster(force: bool = False, cluster: LocalCluster | None = None) -> list[str]:
     """Shut down Serve and stop the local cluster that :func:`start_local_cluster` started.
 
     Args:
@@ -142,8 +145,8 @@ def stop_local_cluster(force: bool = False) -> list[str]:
         What was done, as short lines for the user.
     """
     done: list[str] = []
-    cluster = LocalCluster()
-    ours = STATE_FILE.exists()
+    cluster = cluster or LocalCluster()
+    ours = _state_file().exists()
     if cluster_alive(cluster):
         serve = Path(sys.executable).parent / "serve"
         r = subprocess.run([str(serve) if serve.exists() else "serve", "shutdown", "-y", "-a", cluster.dashboard_url],
@@ -153,7 +156,7 @@ def stop_local_cluster(force: bool = False) -> list[str]:
         r = subprocess.run([ray_executable(), "stop", "--force"] if force else [ray_executable(), "stop"],
                            capture_output=True, text=True, timeout=180)
         done.append("local Ray cluster stopped" if r.returncode == 0 else f"ray stop failed: {r.stderr.strip()}")
-        STATE_FILE.unlink(missing_ok=True)
+        _state_file().unlink(missing_ok=True)
     elif cluster_alive(cluster):
         done.append("a Ray cluster chatray did not start is still running (use --force to stop it)")
     if not done:

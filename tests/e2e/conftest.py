@@ -1,0 +1,53 @@
+"""One `ray start --head` cluster on 127.0.0.1 for the e2e tests (token auth on), stopped at the end.
+
+e2e tests sort before integration tests (tests/e2e < tests/integration), so `ray stop` here never hits
+the in-process Ray of the integration tier.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+REPO = Path(__file__).resolve().parents[2]
+FAULT_STEP = 12  # a training worker of the e2e run exits at this step (once), see chatray.train.loop
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """Yields dict(address, dashboard, env, home): a head node started with `ray start --head`."""
+    from chatray.localcluster import LocalCluster, ray_auth_env, start_local_cluster, stop_local_cluster
+
+    home = tmp_path_factory.mktemp("chatray-home")
+    os.environ["CHATRAY_HOME"] = str(home)  # the up/down state file of this cluster, not the user's
+    cluster = LocalCluster(gcs_port=free_port(), dashboard_port=free_port())
+    temp_dir = tempfile.mkdtemp(prefix="cr-e2e-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    cluster, started = start_local_cluster(
+        cluster, num_cpus=2, temp_dir=temp_dir,
+        # Workers inherit the raylet's environment: the fault-injection hook reaches the training workers.
+        extra_env={"CHATRAY_FAULT_AT_STEP": str(FAULT_STEP), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    assert started, "a Ray cluster was already answering on the e2e ports"
+    env = ray_auth_env()
+    env["RAY_ADDRESS"] = cluster.dashboard_url
+    env.pop("CHATRAY_FAULT_AT_STEP", None)
+    try:
+        yield {"address": cluster.address, "dashboard": cluster.dashboard_url, "env": env, "home": home,
+               "cluster": cluster, "fault_step": FAULT_STEP, "free_port": free_port}
+    finally:
+        stop_local_cluster(force=True, cluster=cluster)
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+        os.environ.pop("CHATRAY_HOME", None)
