@@ -41,6 +41,7 @@ class LocalCluster:
     gcs_port: int = 6379
     dashboard_port: int = 8265
     host: str = "127.0.0.1"
+    agent_port: int | None = None  # the per-node job agent (Ray's default 52365 when None)
 
     @property
     def address(self) -> str:
@@ -115,10 +116,14 @@ def start_local_cluster(cluster: LocalCluster | None = None, num_cpus: int | Non
            "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.dashboard_port}", "--disable-usage-stats"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
+    if cluster.agent_port:
+        cmd.append(f"--dashboard-agent-listen-port={cluster.agent_port}")
     if temp_dir:
         cmd.append(f"--temp-dir={temp_dir}")
     env = dict(os.environ if extra_env is None else {**os.environ, **extra_env})
     env.pop("RAY_ADDRESS", None)
+    # Job drivers run `python ...` from the raylet's PATH: make that this environment's Python (the venv).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         tail = "\n".join((r.stderr or r.stdout).strip().splitlines()[-5:])

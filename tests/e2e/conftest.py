@@ -34,7 +34,7 @@ def ray_head(tmp_path_factory):
 
     home = tmp_path_factory.mktemp("chatray-home")
     os.environ["CHATRAY_HOME"] = str(home)  # the up/down state file of this cluster, not the user's
-    cluster = LocalCluster(gcs_port=free_port(), dashboard_port=free_port())
+    cluster = LocalCluster(gcs_port=free_port(), dashboard_port=free_port(), agent_port=free_port())
     temp_dir = tempfile.mkdtemp(prefix="cr-e2e-", dir="/tmp")  # short: Ray's socket paths have a length limit
     cluster, started = start_local_cluster(
         cluster, num_cpus=2, temp_dir=temp_dir,

@@ -1,0 +1,400 @@
+"""Every shipped YAML (serve_config.yaml, jobs/*.yaml, cluster/**/*.yaml) parses, says how to launch it, and agrees
+with the code and the other files that consume it.
+
+* launch comment: each file's first line is a comment giving its launch command, which names the file; every
+  repo file a launch comment mentions exists;
+* serve configs: Ray's ServeDeploySchema, every ``import_path`` importable and callable, chatray's ``ServeArgs``,
+  Ray's ``DeploymentSchema`` for each deployment, and the app builds;
+* jobs configs: loaded with ``chatray.config.load_config(FinetuneConfig, ...)``;
+* KubeRay manifests: the vendored (trimmed) KubeRay v1 CRD schema (schemas/kuberay_v1.schema.yaml), the rendered
+  files up to date with cluster/kuberay/render.py, RayService.serveConfigV2 == serve_config.yaml apart from the
+  documented overrides, the RayJob's entrypoint/config, GPU worker groups, autoscaling, token auth, one image;
+* the cluster launcher YAML: Ray's own cluster schema (ray/autoscaler/ray-schema.json) after Ray's defaults.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import re
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[3]
+SCHEMA = Path(__file__).with_name("schemas") / "kuberay_v1.schema.yaml"
+KUBERAY = REPO / "cluster" / "kuberay"
+LAUNCHER = REPO / "cluster" / "launcher" / "chatray-aws.yaml"
+DOCKERFILE = KUBERAY / "Dockerfile"
+
+SHIPPED = sorted([REPO / "serve_config.yaml", *REPO.glob("jobs/*.yaml"), *REPO.glob("cluster/**/*.yaml")])
+MANIFESTS = sorted(KUBERAY.glob("*.yaml"))
+SCRIPTS = sorted((REPO / "cluster" / "local").glob("*.sh"))
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def _load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def _import_or_skip(module: str) -> Any:
+    """Import ``module``; skip (saying so) only when that module itself does not exist yet."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and (module == e.name or module.startswith(e.name + ".")):
+            pytest.skip(f"{module} does not exist yet")
+        raise
+
+
+def _render() -> Any:
+    spec = importlib.util.spec_from_file_location("chatray_kuberay_render", KUBERAY / "render.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _finetune_loader() -> tuple[Any, Any]:
+    config = _import_or_skip("chatray.config")
+    if not hasattr(config, "FinetuneConfig"):
+        pytest.skip("TODO(lead): chatray.config has no FinetuneConfig yet; jobs/*.yaml cannot be checked")
+    return config.FinetuneConfig, config.load_config
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """Paths where two parsed YAML documents differ (list items named by their ``name`` when they have one)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in a or key not in b:
+                out.append(sub)
+            else:
+                out += _diff(a[key], b[key], sub)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b)):
+            named = isinstance(x, dict) and isinstance(y, dict) and "name" in x and x.get("name") == y.get("name")
+            out += _diff(x, y, f"{path}[{x['name'] if named else i}]")
+        return out
+    return [] if a == b else [path]
+
+
+def _cluster_spec(doc: dict[str, Any]) -> dict[str, Any]:
+    spec = doc["spec"]
+    return {"RayCluster": lambda: spec, "RayJob": lambda: spec["rayClusterSpec"],
+            "RayService": lambda: spec["rayClusterConfig"]}[doc["kind"]]()
+
+
+def _containers(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def _cpus(quantity: Any) -> float:
+    q = str(quantity)
+    return int(q[:-1]) / 1000 if q.endswith("m") else float(q)
+
+
+def _gpu_group(cluster: dict[str, Any]) -> dict[str, Any]:
+    groups = [g for g in cluster.get("workerGroupSpecs", [])
+              if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {})]
+    assert len(groups) == 1, "expected exactly one GPU worker group (nvidia.com/gpu limit)"
+    return groups[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# All YAML files
+
+
+def test_the_shipped_files_are_all_found():
+    names = {_rel(p) for p in SHIPPED}
+    assert {"serve_config.yaml", "cluster/launcher/chatray-aws.yaml", "cluster/kuberay/raycluster.yaml",
+            "cluster/kuberay/rayjob.yaml", "cluster/kuberay/rayservice.yaml"} <= names
+    assert any(n.startswith("jobs/") for n in names), "no jobs/*.yaml"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=_rel)
+def test_yaml_parses_and_starts_with_its_launch_command(path: Path):
+    text = path.read_text(encoding="utf-8")
+    docs = list(yaml.safe_load_all(text))
+    assert len(docs) == 1 and isinstance(docs[0], dict), f"{_rel(path)}: expected one YAML mapping"
+    first = text.splitlines()[0]
+    assert first.startswith("#") and "launch" in first.lower(), \
+        f"{_rel(path)}: the first line must be a comment giving the launch command, got {first!r}"
+    assert path.name in first, f"{_rel(path)}: the launch command on line 1 should name the file: {first!r}"
+    # Every repo file named in the leading comments exists (scripts, configs, entrypoints).
+    header = "\n".join(line for line in text.splitlines()[:40] if line.startswith("#"))
+    for ref in re.findall(r"(?<![\w./:-])((?:cluster|jobs|platform|tests)/[\w./-]+\.(?:py|yaml|sh|md)|"
+                          r"serve_config\.yaml|Makefile)", header):
+        assert (REPO / ref).exists(), f"{_rel(path)} mentions {ref}, which does not exist"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray Serve configs: serve_config.yaml and the RayService's serveConfigV2
+
+
+def _serve_configs() -> list[tuple[str, dict[str, Any]]]:
+    out = [("serve_config.yaml", _load(REPO / "serve_config.yaml"))]
+    for path in MANIFESTS:
+        doc = _load(path)
+        if doc.get("kind") == "RayService":
+            out.append((f"{_rel(path)}:serveConfigV2", yaml.safe_load(doc["spec"]["serveConfigV2"])))
+    return out
+
+
+@pytest.mark.parametrize(("name", "config"), _serve_configs(), ids=[n for n, _ in _serve_configs()])
+def test_serve_config_is_valid_and_its_import_paths_resolve(name: str, config: dict[str, Any]):
+    from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+
+    ServeDeploySchema.model_validate(config)
+    apps = config["applications"]
+    assert apps, f"{name}: no applications"
+    for app in apps:
+        module_name, _, attr = app["import_path"].partition(":")
+        assert attr, f"{name}: import_path {app['import_path']!r} must be module:attribute"
+        module = _import_or_skip(module_name)
+        builder = getattr(module, attr, None)
+        assert callable(builder), f"{name}: {app['import_path']} is not callable"
+        options = {}
+        for d in app.get("deployments") or []:
+            opts = DeploymentSchema.model_validate(d).model_dump(exclude_unset=True)
+            options[opts.pop("name")] = opts
+        if module_name == "chatray.serve.app":
+            args = module.ServeArgs.model_validate(app.get("args") or {})
+            assert set(options) <= {"Ingress", "Generator"}, f"{name}: unknown deployments {sorted(options)}"
+            # The deployment options are ones the deployments accept, and the app builds with them.
+            build = getattr(module, "build_app_with_options", None)
+            application = build(args, options) if build else builder(args)
+            assert type(application).__name__ == "Application"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# jobs/*.yaml
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("jobs/*.yaml")), ids=_rel)
+def test_job_config_loads_with_the_training_config_loader(path: Path):
+    FinetuneConfig, load_config = _finetune_loader()
+    assert path.name.startswith("finetune"), f"{_rel(path)}: no loader known for this job config; add it here"
+    cfg = load_config(FinetuneConfig, path)
+    assert cfg.run.name and cfg.data.path and cfg.train.max_steps >= 1
+    if cfg.scaling.use_gpu:
+        # A multi-GPU job runs on a cluster: its data and checkpoints must be on storage every node reaches.
+        assert "://" in cfg.run.storage_path and "://" in cfg.data.path, \
+            f"{_rel(path)}: a GPU job config should use shared storage (s3://) for data.path and run.storage_path"
+
+
+def test_job_entrypoint_script_exists_and_takes_config_and_set():
+    script = REPO / "jobs" / "finetune.py"
+    text = script.read_text(encoding="utf-8")
+    assert "--config" in text and "--set" in text and "__main__" in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KubeRay manifests
+
+
+@pytest.fixture(scope="module")
+def crd_validator():
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is needed to validate the KubeRay manifests")
+    schema = _load(SCHEMA)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_kuberay_manifests_are_the_three_expected_kinds():
+    kinds = {_load(p)["kind"]: p.name for p in MANIFESTS}
+    assert kinds == {"RayCluster": "raycluster.yaml", "RayJob": "rayjob.yaml", "RayService": "rayservice.yaml"}
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=_rel)
+def test_kuberay_manifest_matches_the_crd_schema(path: Path, crd_validator):
+    doc = _load(path)
+    errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in crd_validator.iter_errors(doc)]
+    assert not errors, f"{_rel(path)} does not match the KubeRay v1 CRD schema:\n" + "\n".join(errors)
+
+
+def test_crd_schema_rejects_what_kubectl_would(crd_validator):
+    good = _load(KUBERAY / "raycluster.yaml")
+    assert crd_validator.is_valid(good)
+    bad_cases = {
+        "misspelled field": lambda d: d["spec"].__setitem__("workerGroupSpec", d["spec"]["workerGroupSpecs"]),
+        "non-string rayStartParams": lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].__setitem__("num-cpus", 0),
+        "worker group without maxReplicas": lambda d: d["spec"]["workerGroupSpecs"][0].pop("maxReplicas"),
+        "bad quantity": lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"][
+            "limits"].__setitem__("memory", "8 gigs"),
+        "wrong apiVersion": lambda d: d.__setitem__("apiVersion", "ray.io/v1alpha1"),
+        "container field typo": lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].__setitem__(
+            "imagePullPolicyy", "Always"),
+    }
+    for what, mutate in bad_cases.items():
+        doc = copy.deepcopy(good)
+        mutate(doc)
+        assert not crd_validator.is_valid(doc), f"the schema accepted a manifest with a {what}"
+
+
+def test_rendered_manifests_are_up_to_date():
+    render = _render()
+    assert _load(KUBERAY / "rayjob.yaml") == render.render_rayjob(), \
+        "cluster/kuberay/rayjob.yaml is stale: run python cluster/kuberay/render.py"
+    assert _load(KUBERAY / "rayservice.yaml") == render.render_rayservice(), \
+        "cluster/kuberay/rayservice.yaml is stale: run python cluster/kuberay/render.py"
+    assert render.main(["--check"]) == 0
+    cluster = _load(KUBERAY / "raycluster.yaml")["spec"]
+    assert _cluster_spec(_load(KUBERAY / "rayjob.yaml")) == cluster
+    assert _cluster_spec(_load(KUBERAY / "rayservice.yaml")) == cluster
+
+
+def test_rayservice_serve_config_is_serve_config_yaml_apart_from_the_documented_overrides():
+    render = _render()
+    base = _load(REPO / "serve_config.yaml")
+    service = _load(KUBERAY / "rayservice.yaml")
+    served = yaml.safe_load(service["spec"]["serveConfigV2"])
+    documented = {render.path_str(p) for p, _v, _why in render.SERVE_OVERRIDES}
+    changed = set(_diff(base, served))
+    # Each difference lies inside a documented override, and each documented override is really applied.
+    undocumented = {c for c in changed if not any(c == d or c.startswith(d + ".") or c.startswith(d + "[")
+                                                 for d in documented)}
+    assert not undocumented, f"serveConfigV2 differs from serve_config.yaml at undocumented paths: {undocumented}"
+    for path, value, _why in render.SERVE_OVERRIDES:
+        if value is not None:
+            assert render.get_path(served, path) == value, render.path_str(path)
+    # Each override is also listed in the file's own header comment.
+    header = (KUBERAY / "rayservice.yaml").read_text(encoding="utf-8").split("\napiVersion:")[0]
+    for d in documented:
+        assert d in header, f"rayservice.yaml's header does not document the override of {d}"
+
+    # GPU per Generator replica; the proxy reachable from the serve Service.
+    app = served["applications"][0]
+    gen = next(d for d in app["deployments"] if d["name"] == "Generator")
+    assert gen["ray_actor_options"]["num_gpus"] == 1
+    assert served["http_options"]["host"] == "0.0.0.0"
+
+
+def test_rayservice_serves_the_checkpoint_the_rayjob_writes():
+    FinetuneConfig, load_config = _finetune_loader()
+    job = _load(KUBERAY / "rayjob.yaml")["spec"]
+    argv = shlex.split(job["entrypoint"])
+    assert argv[:2] == ["python", "jobs/finetune.py"], job["entrypoint"]
+    assert (REPO / argv[1]).is_file()
+    config = argv[argv.index("--config") + 1]
+    assert config == "jobs/finetune_gpt2.yaml" and (REPO / config).is_file()
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = load_config(FinetuneConfig, REPO / config, sets)
+    assert yaml.safe_load(job["runtimeEnvYAML"])["working_dir"] == _dockerfile()["workdir"], \
+        "the RayJob's working_dir must be where the image keeps the checkout (Dockerfile WORKDIR)"
+    served = yaml.safe_load(_load(KUBERAY / "rayservice.yaml")["spec"]["serveConfigV2"])
+    checkpoint = served["applications"][0]["args"]["checkpoint"]
+    assert checkpoint == f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}:best"
+    assert checkpoint.startswith("s3://")
+
+    # The job fits the cluster: one GPU per Train worker, and CPUs for the worker plus Ray Data beside it.
+    cluster = job["rayClusterSpec"]
+    group = _gpu_group(cluster)
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert cfg.scaling.use_gpu
+    assert cfg.scaling.num_workers <= group["maxReplicas"] * int(limits["nvidia.com/gpu"])
+    assert _cpus(limits["cpu"]) > cfg.scaling.cpus_per_worker, "no CPU left for Ray Data on the GPU pods"
+
+
+def _dockerfile() -> dict[str, str]:
+    text = DOCKERFILE.read_text(encoding="utf-8")
+    base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
+    workdir = re.search(r"^WORKDIR\s+(\S+)", text, re.M).group(1)
+    for src in re.findall(r"^COPY\s+(?:--\S+\s+)*(.+?)\s+\S+$", text, re.M):
+        for s in src.split():
+            assert (REPO / s).exists(), f"Dockerfile copies {s}, which is not in the repo"
+    return {"base": base, "workdir": workdir}
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=_rel)
+def test_kuberay_cluster_has_token_auth_autoscaling_gpus_and_one_image(path: Path):
+    import chatray
+
+    cluster = _cluster_spec(_load(path))
+    assert cluster["authOptions"]["mode"] == "token"
+    assert cluster["enableInTreeAutoscaling"] is True
+    group = _gpu_group(cluster)
+    assert 0 == group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"] and group["maxReplicas"] > 0
+    res = group["template"]["spec"]["containers"][0]["resources"]
+    assert int(res["limits"]["nvidia.com/gpu"]) >= 1
+    gpus = res["limits"]["nvidia.com/gpu"]
+    assert res.get("requests", {}).get("nvidia.com/gpu", gpus) == gpus, "GPU requests must equal limits"
+    # One image everywhere, tagged with chatray's version, built FROM Ray's image of the cluster's rayVersion.
+    images = {c["image"] for c in _containers(cluster)}
+    assert len(images) == 1, f"containers use different images: {images}"
+    assert images.pop().endswith(f":{chatray.__version__}")
+    assert _dockerfile()["base"].startswith(f"rayproject/ray:{cluster['rayVersion']}-")
+    # The head exposes the ports clients and the operator use.
+    head_ports = {p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert {6379, 8265, 8000} <= head_ports
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ray cluster launcher (AWS)
+
+
+def test_launcher_yaml_matches_rays_cluster_schema():
+    import json
+
+    import ray.autoscaler
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    jsonschema = pytest.importorskip("jsonschema")
+    config = _load(LAUNCHER)
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)  # as written
+    validate_config(prepare_config(copy.deepcopy(config)))  # after Ray's AWS defaults, as `ray up` does
+
+
+def test_launcher_yaml_has_gpu_autoscaling_token_auth_and_installs_chatray():
+    FinetuneConfig, load_config = _finetune_loader()
+    config = _load(LAUNCHER)
+    assert config["provider"]["type"] == "aws"
+    head = config["available_node_types"][config["head_node_type"]]
+    gpu = [t for name, t in config["available_node_types"].items() if t.get("resources", {}).get("GPU")]
+    assert len(gpu) == 1, "expected one GPU worker node type"
+    gpu = gpu[0]
+    assert gpu["min_workers"] == 0 < gpu["max_workers"] <= config["max_workers"]
+    assert "GPU" not in head.get("resources", {})
+    # Every node authenticates with the same token, copied from the launching machine.
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert any("RAY_AUTH_MODE=token" in c and "ray start" in c for c in config[key]), key
+    assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
+    # The checkout is synced and installed on every node.
+    local = [src for dst, src in config["file_mounts"].items() if not str(src).startswith("~")]
+    for src in local:
+        assert (REPO / src).exists(), f"file_mounts source {src} (relative to the repo root) does not exist"
+    assert any("chatray" in c and "pip install" in c for c in config["setup_commands"])
+    # The images are Ray's, at the same version as the KubeRay manifests.
+    ray_version = _load(KUBERAY / "raycluster.yaml")["spec"]["rayVersion"]
+    for key in ("image", "head_image"):
+        assert config["docker"][key].startswith(f"rayproject/ray:{ray_version}-"), key
+    # The GPU job fits: a Train worker's CPUs on a GPU node, and CPUs somewhere for Ray Data.
+    cfg = load_config(FinetuneConfig, REPO / "jobs" / "finetune_gpt2.yaml")
+    assert gpu["resources"]["CPU"] >= cfg.scaling.cpus_per_worker
+    assert gpu["resources"]["CPU"] > cfg.scaling.cpus_per_worker or head["resources"].get("CPU", 0) > 0
+    assert cfg.scaling.num_workers <= gpu["max_workers"] * gpu["resources"]["GPU"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cluster/local scripts (not YAML, but shipped next to it)
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=_rel)
+def test_local_cluster_script_is_valid_bash(path: Path):
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not path.name.startswith("_"):
+        assert lines[0] == "#!/usr/bin/env bash" and "launch" in lines[1].lower() and path.name in lines[1]
