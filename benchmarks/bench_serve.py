@@ -1,0 +1,235 @@
+"""Serving benchmark on CPU: HTTP overhead, batching gain and cold start, as ratios measured in one run.
+
+For a tiny and a GPT-2-124M-config checkpoint (random weights, built here: nothing is downloaded):
+  1. overhead: p50 latency of one request over HTTP (32 new tokens, greedy) / the same generate call
+     in-process through the same engine, measured alternately -- target <= 1.10x;
+  2. batching: aggregate generated tokens/s with 16 concurrent clients / one client at a time -- target >= 4x;
+  3. cold start: deploy (``serve.run`` of the app on the running Ray, what ``serve deploy`` triggers) to the
+     first 200 from /v1/models, seconds; plus ``chatray serve`` from process start (includes starting Ray).
+
+    python benchmarks/bench_serve.py                 # both models (several minutes on 2 CPU cores)
+    python benchmarks/bench_serve.py --quick         # tiny model only, fewer requests
+
+Both sides use the same number of torch threads (``--threads``, default 1: on a shared 2-core machine
+more threads than free cores makes small matmuls much slower, for the replica and the baseline alike).
+Prints a table and a final JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "platform"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+NEW_TOKENS = 32
+PROMPT = "hello, how are you? the quick brown fox jumps over the lazy dog and"
+
+
+def build_checkpoint(run: Path, size: str) -> Path:
+    """``run/checkpoint_00000001`` with metrics.json, as training writes it (served as ``<run>:best``)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from chatray.data.tokenizer import train_tokenizer
+
+    texts = ["<|user|>\nhello, how are you?\n<|assistant|>\nI am fine, thank you.<|endoftext|>\n",
+             "<|user|>\n你喜欢什么运动?\n<|assistant|>\n我喜欢游泳和跑步。<|endoftext|>\n",
+             "the quick brown fox jumps over the lazy dog"] * 30
+    tok = train_tokenizer(texts, 500, min_frequency=1)
+    ids = {"bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id}
+    if size == "tiny":
+        cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tok), **ids)
+    else:  # GPT-2 124M shape: 12 layers, 768 wide, 1024 context, 50257-row vocabulary
+        cfg = GPT2Config(**ids)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(cfg)
+    folder = run / "checkpoint_00000001"
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tok.save_pretrained(folder)
+    (folder / "metrics.json").write_text(json.dumps({"step": 1, "eval_loss": 1.0}))
+    return folder
+
+
+def in_process_engine(ckpt: Path, threads: int):
+    """The same engine the replica runs, in this process (the baseline), and the prompt's token ids."""
+    import torch
+
+    from chatray.serve.engine import GenerationEngine, load_for_serving
+
+    torch.set_num_threads(threads)
+    model, tok = load_for_serving(ckpt, device="cpu")
+    return GenerationEngine(model, tok), tok(PROMPT, add_special_tokens=False)["input_ids"]
+
+
+def paired_p50(engine, url: str, ids: list[int], runs: int) -> tuple[float, float]:
+    """p50 of the in-process call and of the HTTP request, measured alternately so that load from other
+    processes on this machine affects both sides alike."""
+    import httpx
+
+    from chatray.serve.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    body = {"prompt": ids, "max_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True}
+    local, remote = [], []
+    with httpx.Client(timeout=300) as client:
+        def http() -> None:
+            r = client.post(url + "/v1/completions", json=body)
+            r.raise_for_status()
+            assert r.json()["usage"]["completion_tokens"] == NEW_TOKENS
+
+        engine.generate([ids], params)  # warm-up both
+        http()
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            engine.generate([ids], params)
+            local.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            http()
+            remote.append(time.perf_counter() - t0)
+    return statistics.median(local), statistics.median(remote)
+
+
+async def _post(client, url: str, ids: list[int]) -> int:
+    r = await client.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": NEW_TOKENS,
+                                                         "temperature": 0.0, "ignore_eos": True})
+    r.raise_for_status()
+    return r.json()["usage"]["completion_tokens"]
+
+
+async def throughput(url: str, ids: list[int], clients: int, requests_each: int) -> float:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as client:
+        async def one_client() -> int:
+            return sum([await _post(client, url, ids) for _ in range(requests_each)])
+
+        t0 = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one_client() for _ in range(clients))))
+        return tokens / (time.perf_counter() - t0)
+
+
+def wait_200(url: str, timeout: float) -> float:
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
+
+
+def bench_model(name: str, ckpt: Path, url: str, args: argparse.Namespace) -> dict:
+    from ray import serve
+
+    from chatray.serve.app import build_app_with_options
+
+    engine, ids = in_process_engine(ckpt, args.threads)
+    app = build_app_with_options(
+        {"checkpoint": f"{ckpt.parent}:best", "api_key_env": None, "max_batch_size": 16, "batch_wait_timeout_s": 0.0},
+        {"Ingress": {"ray_actor_options": {"num_cpus": 0.1}},
+         "Generator": {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": -1,
+                       "ray_actor_options": {"num_cpus": args.threads}}})
+    t0 = time.perf_counter()
+    serve.run(app, name=name, route_prefix="/")
+    cold = time.perf_counter() - t0 + wait_200(url, 120)
+    base_p50, http = paired_p50(engine, url, ids, args.runs)
+    del engine
+    single = asyncio.run(throughput(url, ids, 1, args.sequential))
+    concurrent = asyncio.run(throughput(url, ids, args.clients, args.requests_each))
+    serve.delete(name)
+    row = {"model": name, "in_process_p50_s": round(base_p50, 4), "http_p50_s": round(http, 4),
+           "overhead_ratio": round(http / base_p50, 3), "tokens_per_s_1_client": round(single, 1),
+           f"tokens_per_s_{args.clients}_clients": round(concurrent, 1),
+           "batching_ratio": round(concurrent / single, 2), "deploy_to_first_200_s": round(cold, 1)}
+    print(f"{name:10s} overhead {row['overhead_ratio']:.3f}x (http p50 {http * 1000:.1f} ms / in-process "
+          f"{base_p50 * 1000:.1f} ms)  batching {row['batching_ratio']:.2f}x ({single:.1f} -> {concurrent:.1f} "
+          f"tok/s)  deploy->200 {cold:.1f}s", flush=True)
+    return row
+
+
+def chatray_serve_cold_start(ckpt: Path, port: int) -> float:
+    """``chatray serve`` as a user runs it (new local Ray, deploy, first 200), seconds from process start."""
+    cfg = Path(tempfile.mkdtemp()) / "serve_config.yaml"
+    import yaml
+
+    data = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    data["applications"][0]["args"]["checkpoint"] = f"{ckpt.parent}:best"
+    for d in data["applications"][0]["deployments"]:
+        d.setdefault("ray_actor_options", {})["num_cpus"] = 0.1 if d["name"] == "Ingress" else 1
+    cfg.write_text(yaml.safe_dump(data))
+    exe = Path(sys.executable).parent / "chatray"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(exe), "serve", "--config", str(cfg), "--port", str(port), "--address", "local"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_200(f"http://127.0.0.1:{port}", 300)
+        return time.perf_counter() - t0
+    finally:
+        proc.send_signal(2)  # Ctrl-C: chatray serve shuts Serve and its own Ray down
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model only, fewer requests")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the replica and the baseline")
+    ap.add_argument("--runs", type=int, default=7, help="latency samples per side")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests-each", type=int, default=2)
+    ap.add_argument("--sequential", type=int, default=6, help="requests for the one-client-at-a-time baseline")
+    ap.add_argument("--no-cli-cold-start", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.runs, args.sequential, args.requests_each = 5, 4, 1
+
+    import ray
+    from ray import serve
+
+    sys.path.insert(0, str(REPO / "tests" / "integration"))
+    from serve_fixtures import free_port
+
+    work = Path(tempfile.mkdtemp(prefix="chatray-bench-"))
+    sizes = ["tiny"] if args.quick else ["tiny", "gpt2-124m"]
+    ckpts = {s: build_checkpoint(work / s, s) for s in sizes}
+    ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    rows = []
+    try:
+        for s in sizes:
+            rows.append(bench_model(s, ckpts[s], f"http://127.0.0.1:{port}", args))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    result = {"models": rows, "targets": {"overhead_ratio": "<= 1.10", "batching_ratio": ">= 4"},
+              "threads": args.threads, "new_tokens": NEW_TOKENS, "clients": args.clients}
+    if not args.no_cli_cold_start and not args.quick:
+        result["chatray_serve_start_to_first_200_s"] = round(chatray_serve_cold_start(ckpts["tiny"], free_port()), 1)
+        print(f"chatray serve (new Ray + deploy) -> first 200: {result['chatray_serve_start_to_first_200_s']}s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Models: the ``tiny`` preset (GPT-2 from a config) and pretrained GPT-2-family checkpoints (HF, safetensors).
+
+Importing this package is cheap: torch/transformers load when a function is called.
+"""
+
+from chatray.model.loading import (
+    build_model,
+    load_model,
+    model_context_length,
+    model_source,
+    model_tokenizer_fingerprint,
+    quiet_transformers,
+    save_model,
+)
+from chatray.model.presets import GPT2_ARCH, HUB_PRESETS, TINY, is_tiny, tiny_config
+
+__all__ = [
+    "GPT2_ARCH",
+    "HUB_PRESETS",
+    "TINY",
+    "build_model",
+    "is_tiny",
+    "load_model",
+    "model_context_length",
+    "model_source",
+    "model_tokenizer_fingerprint",
+    "quiet_transformers",
+    "save_model",
+    "tiny_config",
+]

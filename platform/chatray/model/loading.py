@@ -1,0 +1,193 @@
+"""Build, load and save GPT-2-family causal LMs in Hugging Face format (safetensors only).
+
+A model is named by:
+  * ``tiny`` - built from :func:`chatray.model.presets.tiny_config` (random init, the dataset's tokenizer);
+  * a hub preset or id (``gpt2``, ``gpt2-medium``, ``openai-community/gpt2``) - needs network or the HF cache;
+  * a local folder with ``config.json`` + ``model.safetensors`` (e.g. a chatray checkpoint);
+  * a chatray checkpoint URI (``<storage>/<run>:best``, ``s3://.../checkpoint_...``) - resolved and cached.
+
+Pickled weights (``pytorch_model.bin``) are refused: loading them can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from chatray.errors import ChatrayError
+from chatray.model.presets import GPT2_ARCH, HUB_PRESETS, is_tiny, tiny_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "build_model",
+    "load_model",
+    "model_context_length",
+    "model_source",
+    "model_tokenizer_fingerprint",
+    "quiet_transformers",
+    "save_model",
+]
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-shard progress bars and advisory warnings (training logs stay readable)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _is_checkpoint_uri(name: str) -> bool:
+    return name.endswith((":latest", ":best")) or name.startswith("s3://")
+
+
+def model_source(name: str) -> str:
+    """Where the weights of ``name`` come from: ``tiny``, a local folder, or a hub id (aliases expanded).
+
+    Checkpoint URIs (``run:best``, ``s3://``) are resolved and copied to the local cache first.
+    """
+    if is_tiny(name):
+        return name
+    if _is_checkpoint_uri(name):
+        from chatray.storage.checkpoints import materialize_checkpoint
+
+        return str(materialize_checkpoint(name))
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return str(p.resolve())
+    if name.startswith((".", "/", "~")):
+        raise ChatrayError(f"model folder not found: {name}", hint="use tiny, gpt2, gpt2-medium, a hub id or a folder")
+    return HUB_PRESETS.get(name, name)
+
+
+def _check_safetensors(folder: Path) -> None:
+    if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+        return
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt*")):
+        raise ChatrayError(f"{folder}: only pickled weights found; chatray loads safetensors only",
+                           hint="convert with `model.save_pretrained(dir, safe_serialization=True)`")
+    raise ChatrayError(f"{folder}: no model.safetensors", hint="is this a complete checkpoint folder?")
+
+
+def build_model(name: str, *, vocab_size: int, block_size: int, eos_token_id: int, n_layer: int | None = None,
+                n_head: int | None = None, n_embd: int | None = None, dropout: float | None = None,
+                seed: int = 0) -> PreTrainedModel:
+    """The model to fine-tune: a fresh ``tiny`` GPT-2, or pretrained weights from a folder/hub id.
+
+    Args:
+        name: ``tiny``, a hub preset/id, a local folder or a chatray checkpoint URI.
+        vocab_size: the dataset tokenizer's size (``tiny`` only; a pretrained model keeps its own).
+        block_size: training context; ``tiny`` gets exactly this many positions.
+        eos_token_id: the tokenizer's EOS (also BOS/PAD) id.
+        n_layer, n_head, n_embd: ``tiny`` shape overrides.
+        dropout: overrides the model's dropout when given.
+        seed: random init seed (``tiny``).
+
+    Returns:
+        A float32 ``GPT2LMHeadModel`` (or other causal LM) using SDPA attention, in train mode.
+
+    Raises:
+        ChatrayError: unknown/unreachable model, pickled weights only, context shorter than ``block_size``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    quiet_transformers()
+    if is_tiny(name):
+        torch.manual_seed(seed)
+        model: Any = GPT2LMHeadModel(tiny_config(vocab_size, block_size, eos_token_id=eos_token_id, n_layer=n_layer,
+                                                 n_head=n_head, n_embd=n_embd, dropout=dropout))
+    else:
+        src = model_source(name)
+        if Path(src).is_dir():
+            _check_safetensors(Path(src))
+        kwargs: dict[str, Any] = {}
+        if dropout is not None:
+            kwargs.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="sdpa",
+                                                         use_safetensors=True, **kwargs)
+        except Exception as e:  # OSError (not found / offline), ValueError (bad config), EnvironmentError
+            raise ChatrayError(f"cannot load model {name!r}: {str(e).splitlines()[0]}",
+                               hint="use a local folder or check network access to the model hub "
+                               "(offline, use model.name: tiny)") from e
+        ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        if ctx is not None and block_size > ctx:
+            raise ChatrayError(f"block size {block_size} exceeds the context of model {name!r} ({ctx} tokens)",
+                               hint=f"set data.block_size <= {ctx}")
+    model.train()
+    return model
+
+
+def load_model(folder: str | Path, *, dtype: str = "float32") -> PreTrainedModel:
+    """Load a saved model folder (safetensors only) for inference or further training.
+
+    Raises:
+        ChatrayError: missing folder, pickled weights only, unreadable config.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    path = Path(folder)
+    if not path.is_dir():
+        raise ChatrayError(f"model folder not found: {folder}")
+    _check_safetensors(path)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
+                                                    attn_implementation="sdpa", use_safetensors=True)
+    except Exception as e:
+        raise ChatrayError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from e
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: str | Path) -> None:
+    """Write ``config.json``, ``generation_config.json``, ``model.safetensors`` and the tokenizer to ``folder``.
+
+    The generation config carries EOS/PAD so that ``generate`` stops at the end of an assistant turn.
+    """
+    from transformers import GenerationConfig
+
+    quiet_transformers()
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)  # DDP wrapper
+    eos = tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else eos
+    model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=eos,
+                                               pad_token_id=pad)
+    model.save_pretrained(str(out), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def model_context_length(name: str) -> int | None:
+    """The context (``n_positions``) of a pretrained model without loading weights; None for ``tiny``/unknown."""
+    if is_tiny(name):
+        return None
+    alias = name.removeprefix("openai-community/")
+    if alias in GPT2_ARCH and not Path(name).exists():
+        return GPT2_ARCH[alias][3]
+    try:
+        src = model_source(name)
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(src)
+    except Exception:
+        return None
+    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+
+
+def model_tokenizer_fingerprint(name: str) -> str | None:
+    """Fingerprint of the tokenizer that comes with a pretrained model (None for ``tiny``).
+
+    Raises:
+        ChatrayError: when the model's tokenizer cannot be loaded.
+    """
+    if is_tiny(name):
+        return None
+    from chatray.data.tokenizer import load_pretrained_tokenizer, tokenizer_fingerprint
+
+    return tokenizer_fingerprint(load_pretrained_tokenizer(model_source(name)))

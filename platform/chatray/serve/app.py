@@ -1,0 +1,147 @@
+"""The Serve application builder: ``import_path: chatray.serve.app:build_app`` in serve_config.yaml.
+
+``build_app(args)`` validates its args with pydantic (:class:`ServeArgs`) and binds
+``Ingress(Generator)``. Deployment options (replicas, autoscaling, resources, queue limits) are not args:
+they come from the ``deployments:`` section of serve_config.yaml, which Ray Serve applies on top of the
+defaults declared on the deployment classes (``chatray serve`` applies the same section itself).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from chatray.errors import ChatrayError
+
+__all__ = ["ServeArgs", "build_app", "model_name_from_checkpoint"]
+
+DEFAULT_CHECKPOINT = ".demo/checkpoints/tiny-demo:best"
+
+
+class ServeArgs(BaseModel):
+    """Arguments of :func:`build_app` (the ``args:`` of the application in serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str = Field(DEFAULT_CHECKPOINT,
+                            description="checkpoint folder, s3:// URI, or <storage>/<run>:latest|:best")
+    model_name: str | None = Field(None, description="model id reported by /v1/models (default: the run name)")
+    cache_dir: str | None = Field(None, description="where replicas copy remote checkpoints (default: the resolver's)")
+    api_key_env: str | None = Field("CHATRAY_API_KEY", description="env var holding the API key; unset/empty = no auth")
+    device: str = Field("auto", description="auto (GPU when the replica has one), cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="weights dtype")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="requests decoded together per replica")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=10, description="idle replica waits this long to batch")
+    max_tokens: int = Field(256, ge=1, description="default max_tokens when a request has none")
+    temperature: float = Field(0.7, ge=0, le=2, description="default temperature (0 = greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="default top_p")
+    top_k: int = Field(0, ge=0, description="default top_k (0 = off)")
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="default repetition penalty (1 = off)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    request_timeout_s: float = Field(100.0, gt=0, description="per-request limit in the ingress (408 after)")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After seconds on 503/429 when overloaded")
+    step_delay_s: float = Field(0.0, ge=0, le=5, description="testing only: sleep after each decode step")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v.strip()
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError(f"must be an environment variable name, got {v!r}")
+        return v or None
+
+
+def _absolute_checkpoint(uri: str) -> str:
+    """Make a relative local path absolute here, where the app is built: replicas run in other directories."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return str(Path(os.path.expanduser(uri)).absolute())
+
+
+def model_name_from_checkpoint(uri: str) -> str:
+    """``/x/checkpoints/tiny-demo:best`` -> ``tiny-demo``; ``.../tiny-demo/checkpoint_000003`` -> ``tiny-demo``."""
+    base = re.sub(r":(latest|best)$", "", uri.rstrip("/"))
+    parts = [p for p in base.rstrip("/").split("/") if p]
+    if not parts:
+        return "chatray"
+    name = parts[-1]
+    if name.startswith("checkpoint") and len(parts) > 1:
+        name = parts[-2]
+    return name
+
+
+def parse_args(args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
+    """Validate app args.
+
+    Raises:
+        ChatrayError: naming every bad arg (``args.temperature: ...``).
+    """
+    if isinstance(args, ServeArgs):
+        return args
+    try:
+        return ServeArgs.model_validate(args or {})
+    except ValidationError as e:
+        problems = []
+        for err in e.errors(include_url=False):
+            name = ".".join(str(p) for p in err["loc"]) or "args"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown arg (known: {', '.join(sorted(ServeArgs.model_fields))})"
+            problems.append(f"args.{name}: {msg} (got {err.get('input')!r})" if err["type"] != "extra_forbidden"
+                            else f"args.{name}: {msg}")
+        raise ChatrayError("invalid chatray.serve.app:build_app args: " + "; ".join(problems),
+                           hint="see the args section of serve_config.yaml") from None
+
+
+def build_app(args: dict[str, Any] | ServeArgs) -> Any:
+    """Build the chatray Serve application: ``Ingress`` -> ``Generator``.
+
+    Args:
+        args: the application args (see :class:`ServeArgs`), e.g. from serve_config.yaml.
+
+    Returns:
+        A ``ray.serve.Application``.
+
+    Raises:
+        ChatrayError: an invalid arg (the message names it).
+    """
+    return build_app_with_options(args)
+
+
+def build_app_with_options(args: dict[str, Any] | ServeArgs,
+                           deployments: dict[str, dict[str, Any]] | None = None) -> Any:
+    """Like :func:`build_app`, also applying per-deployment options (``{"Generator": {...}}``) the way
+    serve_config.yaml's ``deployments:`` section does (used by ``chatray serve`` and the tests)."""
+    from chatray.serve.generator import Generator
+    from chatray.serve.ingress import Ingress
+
+    a = parse_args(args)
+    checkpoint = _absolute_checkpoint(a.checkpoint)
+    api_key = os.environ.get(a.api_key_env) if a.api_key_env else None
+    generator_settings = {
+        "checkpoint": checkpoint,
+        "model_name": a.model_name or model_name_from_checkpoint(checkpoint),
+        "cache_dir": a.cache_dir, "device": a.device, "dtype": a.dtype, "max_batch_size": a.max_batch_size,
+        "batch_wait_timeout_s": a.batch_wait_timeout_s, "step_delay_s": a.step_delay_s,
+        "defaults": {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_p": a.top_p,
+                     "top_k": a.top_k, "repetition_penalty": a.repetition_penalty},
+    }
+    ingress_settings = {"api_key": api_key or None, "max_body_bytes": a.max_body_bytes,
+                        "request_timeout_s": a.request_timeout_s, "retry_after_s": a.retry_after_s}
+    opts = deployments or {}
+    unknown = set(opts) - {"Generator", "Ingress"}
+    if unknown:
+        raise ChatrayError(f"unknown deployment name(s) {', '.join(sorted(unknown))}: "
+                           "chatray's deployments are Ingress and Generator")
+    generator = Generator.options(**opts.get("Generator", {})).bind(generator_settings)
+    return Ingress.options(**opts.get("Ingress", {})).bind(generator, ingress_settings)

@@ -1,0 +1,699 @@
+"""The generation core: continuous batching over a KV cache, per-request sampling, exact stop handling.
+
+Imports only torch and transformers (never Ray): the Serve ``Generator`` deployment wraps it, and
+``benchmarks/gpu_serve.py`` drives the very same code on a GPU machine that has no Ray.
+
+How a batch runs (one :meth:`GenerationEngine.step`):
+  1. requests cancelled since the last step leave the batch;
+  2. one decode step for every running row (one new token each, per-row sampling settings);
+  3. waiting requests join: their prompts are prefilled together (left-padded) and merged into the running
+     batch's KV cache, so a new request starts at the next step instead of waiting for the batch to drain;
+  4. rows that hit EOS, a stop string or ``max_tokens`` leave the batch.
+
+Rows are left-padded to a common cache length; a 2-D attention mask hides the padding and position ids
+are counted per row, so a row computes exactly what it would compute alone (up to float rounding).
+
+:class:`AsyncEngine` runs the step loop in a background thread and hands each request an async iterator
+of :class:`StepOutput` (text deltas), which is what the Serve replica awaits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from chatray.serve.sampling import SamplingParams, make_generator, sample
+
+__all__ = [
+    "AsyncEngine",
+    "Completion",
+    "EngineError",
+    "GenerationEngine",
+    "StepOutput",
+    "load_for_serving",
+]
+
+logger = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length"]
+
+
+class EngineError(RuntimeError):
+    """The engine failed while a request was in flight (e.g. out of memory); the request did not finish."""
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one request.
+
+    Attributes:
+        request_id: the request.
+        delta: new text since the previous output (may be empty: held back for a possible stop string,
+            or an incomplete UTF-8 character).
+        finish_reason: None while running; ``"stop"`` (EOS or a stop string) or ``"length"`` (max_tokens or
+            context full) on the last output.
+        prompt_tokens: tokens in the prompt.
+        completion_tokens: tokens generated so far (EOS and the token completing a stop string included).
+    """
+
+    request_id: str
+    delta: str
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished request: the full text and the exact token counts."""
+
+    request_id: str
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded output so far (cut at a stop string when one is found)
+    emitted: int = 0  # characters of `text` already handed out
+    prefix_offset: int = 0  # incremental detokenization window (see _detokenize)
+    read_offset: int = 0
+    finish_reason: FinishReason | None = None
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers 5.x renamed `past_key_values` to `cache`; support both so the GPU box's version works.
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _new_cache() -> Any:
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values), each (B, heads, T, head_dim), whatever the transformers version."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    if hasattr(cache, "key_cache"):
+        return list(zip(cache.key_cache, cache.value_cache))
+    return [(k, v) for k, v, *_ in cache]
+
+
+def _set_cache_tensors(cache: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    if hasattr(cache, "layers"):
+        for layer, (k, v) in zip(cache.layers, kv):
+            layer.keys, layer.values = k, v
+    elif hasattr(cache, "key_cache"):
+        cache.key_cache[:] = [k for k, _ in kv]
+        cache.value_cache[:] = [v for _, v in kv]
+    else:  # pragma: no cover - legacy tuple caches are not produced by the versions we support
+        raise TypeError(f"unsupported KV cache type {type(cache).__name__}")
+
+
+def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class GenerationEngine:
+    """Continuous batching generation over one causal LM (synchronous; not thread-safe except add/abort).
+
+    Args:
+        model: a causal LM (GPT-2 family) in eval mode, on its device.
+        tokenizer: the matching tokenizer (decodes output; its ``len`` bounds sampled ids).
+        max_batch_size: at most this many requests decode together; the rest wait.
+        context_length: the model's context (defaults to ``n_positions``/``max_position_embeddings``).
+        eos_token_ids: extra ids that end generation (defaults: generation_config and tokenizer EOS).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 16,
+        context_length: int | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        cfg = model.config
+        self.context_length = int(
+            context_length or getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 1024)
+        )
+        self.device = next(model.parameters()).device
+        self.vocab_size = int(cfg.vocab_size)
+        # Ids past the tokenizer's vocabulary (padded embedding rows) can never be decoded: never sample them.
+        self._vocab_limit = len(tokenizer) if len(tokenizer) < self.vocab_size else None
+        self.eos_token_ids = frozenset(eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._pad_id = int(pad if pad is not None else 0)
+        self._cache_kw = _cache_kwarg(model)
+        self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._lock = threading.Lock()
+        self._waiting: deque[_Sequence] = deque()
+        self._joining: list[_Sequence] = []
+        self._aborted: set[str] = set()
+        self._known: set[str] = set()
+        self._reset_batch()
+        self.stats = {"requests": 0, "finished": 0, "aborted": 0, "steps": 0, "generated_tokens": 0,
+                      "max_batch_seen": 0}
+
+    # ------------------------------------------------------------------ public, thread-safe
+    def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Queue a request; it joins the batch at the next :meth:`step`.
+
+        Raises:
+            ValueError: empty prompt, ids outside the vocabulary, or prompt + max_tokens over the context
+                (the message names both numbers), or a duplicate request id.
+        """
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise ValueError("prompt must contain at least one token")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size}), got {min(ids)}..{max(ids)}")
+        if len(ids) + params.max_tokens > self.context_length:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
+                f"exceeds the model's context of {self.context_length} tokens"
+            )
+        seq = _Sequence(request_id, ids, params, make_generator(params.seed))
+        with self._lock:
+            if request_id in self._known:
+                raise ValueError(f"duplicate request id {request_id!r}")
+            self._known.add(request_id)
+            self._waiting.append(seq)
+            self.stats["requests"] += 1
+
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request (client gone): it leaves the batch at the next step; unknown ids are ignored."""
+        with self._lock:
+            if request_id in self._known:
+                self._aborted.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is running or waiting."""
+        with self._lock:
+            return bool(self._rows or self._waiting)
+
+    def num_running(self) -> int:
+        return len(self._rows)
+
+    def num_waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    # ------------------------------------------------------------------ the step
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Advance every running request by one token and admit waiting ones.
+
+        Returns:
+            One :class:`StepOutput` per request that was in the batch (finished ones carry finish_reason).
+        """
+        outputs: list[StepOutput] = []
+        self._drop_aborted()
+        if self._rows:
+            tokens = self._decode_step()
+            outputs += self._consume(self._rows, tokens)
+        with self._lock:
+            free = self.max_batch_size - len(self._rows)
+            joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            self._joining = joining  # owned by this step until merged: fail_all must see them too
+        if joining:
+            state, tokens = self._prefill(joining)
+            outputs += self._consume(joining, tokens)
+            self._merge(joining, state)
+        self._joining = []
+        self._drop_finished()
+        self.stats["steps"] += 1
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self._rows))
+        return outputs
+
+    def fail_all(self) -> list[str]:
+        """Forget every running and waiting request (after an engine error); returns their ids."""
+        with self._lock:
+            ids = [s.request_id for s in (*self._rows, *self._joining, *self._waiting)]
+            ids = list(dict.fromkeys(ids))
+            self._waiting.clear()
+            self._joining = []
+            self._aborted.clear()
+            self._known.difference_update(ids)
+        self._reset_batch()
+        return ids
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+                 ) -> list[Completion]:
+        """Run ``prompts`` to completion through the batching path (offline use, tests, benchmarks)."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        ids = [f"gen-{uuid.uuid4().hex}" for _ in prompts]
+        for rid, p, sp in zip(ids, prompts, plist):
+            self.add_request(rid, p, sp)
+        texts: dict[str, list[str]] = {rid: [] for rid in ids}
+        done: dict[str, Completion] = {}
+        while len(done) < len(ids):
+            for out in self.step():
+                texts[out.request_id].append(out.delta)
+                if out.finish_reason is not None:
+                    done[out.request_id] = Completion(out.request_id, "".join(texts[out.request_id]),
+                                                      out.finish_reason, out.prompt_tokens, out.completion_tokens)
+        return [done[rid] for rid in ids]
+
+    # ------------------------------------------------------------------ internals
+    def _reset_batch(self) -> None:
+        self._rows: list[_Sequence] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None  # (B, T) long: 1 = real token in the cache
+        self._next_pos: torch.Tensor | None = None  # (B,) position id of the pending token
+        self._last: torch.Tensor | None = None  # (B,) sampled token not yet in the cache
+        self._seen: torch.Tensor | None = None  # (B, V) bool: tokens in prompt or output
+        self._temperature = self._top_p = self._top_k = self._penalty = None  # (B,) each
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+                 last_only: bool) -> tuple[torch.Tensor, Any]:
+        kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
+        if last_only and self._supports_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
+        new_cache = getattr(out, "cache", None)
+        if new_cache is None:
+            new_cache = out.past_key_values
+        return out.logits[:, -1, :], new_cache  # (B, V)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Sequence], temperature: torch.Tensor,
+                top_k: torch.Tensor, top_p: torch.Tensor, penalty: torch.Tensor,
+                seen: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """One token per row: (B,) on the device (fed back to the model) and as a list (for the host)."""
+        if self._vocab_limit is not None:
+            logits[:, self._vocab_limit:] = float("-inf")
+        uniforms = torch.stack([torch.rand((), generator=s.generator) for s in rows])  # (B,)
+        tokens = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty,
+                        uniforms=uniforms, seen=seen)
+        seen[torch.arange(len(rows), device=seen.device), tokens] = True
+        return tokens, tokens.tolist()
+
+    def _decode_step(self) -> list[int]:
+        assert self._mask is not None and self._last is not None and self._next_pos is not None
+        mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)  # (B, T+1)
+        logits, self._cache = self._forward(self._last[:, None], mask, self._next_pos[:, None], self._cache,
+                                            last_only=False)
+        self._mask = mask
+        self._next_pos = self._next_pos + 1
+        self._last, tokens = self._sample(logits, self._rows, self._temperature, self._top_k, self._top_p,
+                                          self._penalty, self._seen)
+        return tokens
+
+    def _row_params(self, rows: list[_Sequence]) -> dict[str, torch.Tensor]:
+        dev = self.device
+        return {
+            "temperature": torch.tensor([s.params.temperature for s in rows], dtype=torch.float32, device=dev),
+            "top_k": torch.tensor([min(s.params.top_k, self.vocab_size) for s in rows], dtype=torch.long, device=dev),
+            "top_p": torch.tensor([s.params.top_p for s in rows], dtype=torch.float32, device=dev),
+            "penalty": torch.tensor([s.params.repetition_penalty for s in rows], dtype=torch.float32, device=dev),
+        }
+
+    def _prefill(self, rows: list[_Sequence]) -> tuple[dict[str, Any], list[int]]:
+        n, width = len(rows), max(len(s.prompt_ids) for s in rows)
+        ids = torch.full((n, width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for i, s in enumerate(rows):  # left padding: every row's last prompt token sits in the last column
+            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
+            mask[i, width - len(s.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (n, width): per-row positions, 0 at the first real
+        logits, cache = self._forward(ids, mask, positions, _new_cache(), last_only=True)
+        params = self._row_params(rows)
+        seen = torch.zeros((n, self.vocab_size), dtype=torch.bool, device=self.device)
+        seen.scatter_(1, ids, mask.bool())  # prompt tokens count for the repetition penalty; padding does not
+        last, tokens = self._sample(logits, rows, params["temperature"], params["top_k"], params["top_p"],
+                                    params["penalty"], seen)
+        state = {
+            "cache": cache, "mask": mask, "seen": seen, "last": last,
+            "next_pos": torch.tensor([len(s.prompt_ids) for s in rows], dtype=torch.long, device=self.device),
+            **params,
+        }
+        return state, tokens
+
+    def _merge(self, rows: list[_Sequence], state: dict[str, Any]) -> None:
+        """Append prefilled rows (their cache, mask and per-row tensors) to the running batch."""
+        if not self._rows:
+            self._rows = list(rows)
+            self._cache, self._mask, self._seen = state["cache"], state["mask"], state["seen"]
+            self._next_pos, self._last = state["next_pos"], state["last"]
+            self._temperature, self._top_k = state["temperature"], state["top_k"]
+            self._top_p, self._penalty = state["top_p"], state["penalty"]
+            return
+        assert self._mask is not None
+        old_t, new_t = self._mask.shape[1], state["mask"].shape[1]
+        width = max(old_t, new_t)
+        old_kv, new_kv = _cache_tensors(self._cache), _cache_tensors(state["cache"])
+        merged = [
+            (torch.cat([_left_pad(ok, width - old_t, 2), _left_pad(nk, width - new_t, 2)], dim=0),
+             torch.cat([_left_pad(ov, width - old_t, 2), _left_pad(nv, width - new_t, 2)], dim=0))
+            for (ok, ov), (nk, nv) in zip(old_kv, new_kv)
+        ]
+        _set_cache_tensors(self._cache, merged)
+        self._mask = torch.cat([_left_pad(self._mask, width - old_t, 1), _left_pad(state["mask"], width - new_t, 1)])
+        self._rows += rows
+        self._seen = torch.cat([self._seen, state["seen"]])
+        self._next_pos = torch.cat([self._next_pos, state["next_pos"]])
+        self._last = torch.cat([self._last, state["last"]])
+        self._temperature = torch.cat([self._temperature, state["temperature"]])
+        self._top_k = torch.cat([self._top_k, state["top_k"]])
+        self._top_p = torch.cat([self._top_p, state["top_p"]])
+        self._penalty = torch.cat([self._penalty, state["penalty"]])
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._reset_batch()
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        self._rows = [self._rows[i] for i in keep]
+        mask = self._mask.index_select(0, idx)
+        # Columns that are padding in every remaining row are dead weight: trim them from the left.
+        first = int((mask.sum(dim=0) > 0).nonzero()[0])
+        self._mask = mask[:, first:]
+        _set_cache_tensors(self._cache, [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
+                                         for k, v in _cache_tensors(self._cache)])
+        for name in ("_seen", "_next_pos", "_last", "_temperature", "_top_k", "_top_p", "_penalty"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
+
+    def _drop_aborted(self) -> None:
+        with self._lock:
+            if not self._aborted:
+                return
+            aborted, self._aborted = self._aborted, set()
+            self._waiting = deque(s for s in self._waiting if s.request_id not in aborted)
+            self._known.difference_update(aborted)
+        self.stats["aborted"] += len(aborted)
+        self._keep_rows([i for i, s in enumerate(self._rows) if s.request_id not in aborted])
+
+    def _drop_finished(self) -> None:
+        done = [s.request_id for s in self._rows if s.finish_reason is not None]
+        if not done:
+            return
+        with self._lock:
+            self._known.difference_update(done)
+        self._keep_rows([i for i, s in enumerate(self._rows) if s.finish_reason is None])
+
+    def _consume(self, rows: list[_Sequence], tokens: list[int]) -> list[StepOutput]:
+        outs = []
+        for seq, tok in zip(rows, tokens):
+            seq.output_ids.append(tok)
+            self.stats["generated_tokens"] += 1
+            is_eos = tok in self.eos_token_ids and not seq.params.ignore_eos
+            if is_eos:
+                seq.finish_reason = "stop"
+            else:
+                self._detokenize(seq)
+                self._check_stop(seq)
+            if seq.finish_reason is None and (
+                len(seq.output_ids) >= seq.params.max_tokens
+                or len(seq.prompt_ids) + len(seq.output_ids) >= self.context_length
+            ):
+                seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                if seq.finish_reason == "length" or is_eos:
+                    self._flush(seq)
+                end = len(seq.text)
+                self.stats["finished"] += 1
+            else:
+                end = self._safe_end(seq)
+            delta = seq.text[seq.emitted:end] if end > seq.emitted else ""
+            seq.emitted = max(seq.emitted, end)
+            outs.append(StepOutput(seq.request_id, delta, seq.finish_reason, len(seq.prompt_ids),
+                                   len(seq.output_ids)))
+        return outs
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _detokenize(self, seq: _Sequence) -> None:
+        # Incremental detokenization (as in TGI/vLLM): decode a small window of recent ids and append only
+        # the new characters, and wait while the window ends in an incomplete UTF-8 sequence.
+        ids = seq.output_ids
+        prefix = self._decode(ids[seq.prefix_offset:seq.read_offset])
+        new = self._decode(ids[seq.prefix_offset:])
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            seq.text += new[len(prefix):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+
+    def _flush(self, seq: _Sequence) -> None:
+        """At the end, hand out whatever the window still holds (even an incomplete character)."""
+        ids = [i for i in seq.output_ids if not (i in self.eos_token_ids and not seq.params.ignore_eos)]
+        if seq.read_offset < len(ids):
+            prefix = self._decode(ids[seq.prefix_offset:seq.read_offset])
+            new = self._decode(ids[seq.prefix_offset:])
+            if len(new) > len(prefix):
+                seq.text += new[len(prefix):]
+            seq.read_offset = len(ids)
+            self._check_stop(seq)
+            if seq.finish_reason is None:
+                seq.finish_reason = "length"
+
+    def _check_stop(self, seq: _Sequence) -> None:
+        stops = seq.params.stop
+        if not stops:
+            return
+        longest = max(len(s) for s in stops)
+        start = max(0, seq.emitted - longest)  # text before `emitted` was checked already
+        hits = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
+        if hits:
+            seq.text = seq.text[:min(hits)]
+            seq.finish_reason = "stop"
+
+    def _safe_end(self, seq: _Sequence) -> int:
+        """How much of the text may be handed out: hold back a tail that could be the start of a stop string."""
+        text = seq.text
+        hold = 0
+        for s in seq.params.stop:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = k
+                    break
+        return len(text) - hold
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(i) for i in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+class AsyncEngine:
+    """Runs a :class:`GenerationEngine` step loop in a background thread; requests are async iterators.
+
+    Args:
+        engine: the synchronous engine.
+        batch_wait_timeout_s: when the engine is idle and a request arrives, wait this long for others to
+            arrive so that they are prefilled together (later arrivals join the running batch anyway).
+        step_delay_s: sleep after every step. Testing only: makes timing-dependent tests deterministic.
+    """
+
+    def __init__(self, engine: GenerationEngine, *, batch_wait_timeout_s: float = 0.005,
+                 step_delay_s: float = 0.0) -> None:
+        self.engine = engine
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.step_delay_s = step_delay_s
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="chatray-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the step loop thread is running."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+                     request_id: str | None = None) -> AsyncIterator[StepOutput]:
+        """Generate for one request, yielding a :class:`StepOutput` per step until one has finish_reason.
+
+        Closing the iterator early (client gone, task cancelled) aborts the request in the engine.
+
+        Raises:
+            ValueError: the request does not fit (see :meth:`GenerationEngine.add_request`).
+            EngineError: the engine failed while the request ran.
+        """
+        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._streams_lock:
+            self._streams[rid] = (asyncio.get_running_loop(), queue)
+        finished = False
+        try:
+            self.engine.add_request(rid, prompt_ids, params)
+            self._wake.set()
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._streams_lock:
+                self._streams.pop(rid, None)
+            if not finished:
+                self.engine.abort_request(rid)
+                self._wake.set()
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       request_id: str | None = None) -> Completion:
+        """Generate for one request and return the whole :class:`Completion`."""
+        parts: list[str] = []
+        agen = self.stream(prompt_ids, params, request_id)
+        try:
+            async for out in agen:
+                parts.append(out.delta)
+                if out.finish_reason is not None:
+                    return Completion(out.request_id, "".join(parts), out.finish_reason, out.prompt_tokens,
+                                      out.completion_tokens)
+        finally:
+            await agen.aclose()
+        raise EngineError("generation ended without a finish reason")  # pragma: no cover
+
+    def stats(self) -> dict[str, Any]:
+        """Counters plus the current number of running and waiting requests."""
+        return {**self.engine.stats, "running": self.engine.num_running(), "waiting": self.engine.num_waiting(),
+                "alive": self.alive, "last_error": self.last_error}
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the step loop thread."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _deliver(self, rid: str, item: StepOutput | BaseException) -> None:
+        with self._streams_lock:
+            target = self._streams.get(rid)
+        if target is None:
+            return
+        loop, queue = target
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the request's event loop is closed: nobody is listening any more
+            self.engine.abort_request(rid)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            if self.engine.num_running() == 0 and self.batch_wait_timeout_s > 0:
+                time.sleep(self.batch_wait_timeout_s)  # gather a burst of arrivals into one prefill
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - fail the in-flight requests, keep serving
+                logger.exception("engine step failed")
+                self.last_error = f"{type(e).__name__}: {e}"
+                err = EngineError(f"generation failed: {type(e).__name__}: {e}")
+                for rid in self.engine.fail_all():
+                    self._deliver(rid, err)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            if self.step_delay_s > 0:
+                time.sleep(self.step_delay_s)
+
+
+def load_for_serving(path: str | Path, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """Load a checkpoint folder for inference: safetensors weights only, tokenizer with its chat template.
+
+    Args:
+        path: a local HF checkpoint folder (config.json, model.safetensors, tokenizer files).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``auto`` (bfloat16 on CUDA when supported, else float32), ``float32``, ``float16``, ``bfloat16``.
+
+    Returns:
+        (model in eval mode on the device, tokenizer).
+
+    Raises:
+        ChatrayError: missing folder/weights, pickled weights only (refused), or an unloadable checkpoint.
+    """
+    from chatray.errors import ChatrayError
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ChatrayError(f"not a checkpoint folder (no config.json): {folder}",
+                           hint="point at a checkpoint folder written by `chatray train`")
+    safetensors = list(folder.glob("*.safetensors"))
+    if not safetensors:
+        pickled = [p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+                   and p.name != "train_state.pt"]
+        if pickled:
+            raise ChatrayError(f"refusing to load pickled weights {', '.join(sorted(pickled))} from {folder}: "
+                               "only safetensors weights are served",
+                               hint="convert with model.save_pretrained(dir, safe_serialization=True)")
+        raise ChatrayError(f"no model.safetensors in {folder}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = _resolve_dtype(dtype, device)
+    try:
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                                     **{dtype_kw: torch_dtype})
+    except (OSError, ValueError, KeyError) as e:
+        raise ChatrayError(f"cannot load checkpoint {folder}: {str(e).splitlines()[0] if str(e) else e!r}") from e
+    model.to(device).eval()
+    return model, tokenizer
+
+
+def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    except KeyError as e:
+        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}") from e

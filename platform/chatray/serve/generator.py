@@ -1,0 +1,148 @@
+"""The ``Generator`` deployment: one model replica with a continuous-batching engine.
+
+Each replica resolves the checkpoint URI, copies it to a local cache (once per node), loads the
+safetensors weights (on the GPU when the replica has one) and runs :class:`AsyncEngine`. Concurrent
+requests routed to a replica share its decode steps, each with its own sampling settings.
+
+Requests and replies cross the Ray boundary as plain dicts; errors come back as values (``{"error": ...}``
+or an ``error`` event) so the ingress can map them to the OpenAI error shape before any byte is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from chatray.serve.engine import AsyncEngine, EngineError, GenerationEngine, load_for_serving
+from chatray.serve.prompting import SamplingDefaults, build_prompt
+from chatray.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
+
+__all__ = ["Generator", "GeneratorSettings"]
+
+logger = logging.getLogger("ray.serve")
+
+
+class GeneratorSettings(BaseModel):
+    """What one generator replica needs (a subset of the app args)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    checkpoint: str
+    model_name: str
+    cache_dir: str | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    step_delay_s: float = Field(0.0, ge=0)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+
+
+@serve.deployment(
+    name="Generator",
+    max_ongoing_requests=32,
+    max_queued_requests=64,
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+    graceful_shutdown_timeout_s=30,
+    ray_actor_options={"num_cpus": 1},
+)
+class Generator:
+    """Model replica: ``generate`` (one reply) and ``generate_stream`` (events) over a shared batch."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import torch
+
+        from chatray.storage.checkpoints import materialize_checkpoint
+
+        s = GeneratorSettings.model_validate(settings)
+        t0 = time.perf_counter()
+        local = materialize_checkpoint(s.checkpoint, cache_dir=s.cache_dir)
+        model, tokenizer = load_for_serving(local, device=s.device, dtype=s.dtype)
+        self._engine = AsyncEngine(GenerationEngine(model, tokenizer, max_batch_size=s.max_batch_size),
+                                   batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s)
+        self._tokenizer = tokenizer
+        self._defaults = SamplingDefaults(**s.defaults)
+        self._info = {
+            "id": s.model_name, "checkpoint": s.checkpoint, "local_path": str(local),
+            "context_length": self._engine.engine.context_length, "device": str(self._engine.engine.device),
+            "dtype": str(model.dtype).removeprefix("torch."), "max_batch_size": s.max_batch_size,
+            "loaded_at": int(time.time()), "torch_threads": torch.get_num_threads(),
+        }
+        logger.info("chatray generator ready: %s from %s on %s in %.1fs", s.model_name, local,
+                    self._info["device"], time.perf_counter() - t0)
+
+    def _prepare(self, kind: str, body: dict[str, Any]):
+        model = ChatCompletionRequest if kind == "chat" else CompletionRequest
+        req = model.model_validate(body)
+        return build_prompt(self._tokenizer, req, context_length=self._engine.engine.context_length,
+                            vocab_size=self._engine.engine.vocab_size, defaults=self._defaults)
+
+    async def generate(self, kind: Literal["chat", "completion"], body: dict[str, Any]) -> dict[str, Any]:
+        """One whole reply: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens", "model"}``,
+        or ``{"error": {...}}`` (see :meth:`APIError.to_dict`)."""
+        try:
+            ids, params = self._prepare(kind, body)
+            done = await self._engine.generate(ids, params)
+        except APIError as e:
+            return {"error": e.to_dict()}
+        except ValueError as e:
+            return {"error": APIError(400, str(e)).to_dict()}
+        except EngineError as e:
+            return {"error": APIError(503, str(e), code="engine_error").to_dict()}
+        return {"text": done.text, "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.completion_tokens, "model": self._info["id"]}
+
+    async def generate_stream(self, kind: Literal["chat", "completion"],
+                              body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Events: ``start`` (or ``error``) first, then ``delta`` events, then ``end`` with usage.
+
+        Cancelling the stream (the client went away) aborts the request in the engine.
+        """
+        try:
+            ids, params = self._prepare(kind, body)
+        except APIError as e:
+            yield {"event": "error", "error": e.to_dict()}
+            return
+        except ValueError as e:
+            yield {"event": "error", "error": APIError(400, str(e)).to_dict()}
+            return
+        yield {"event": "start", "model": self._info["id"], "prompt_tokens": len(ids)}
+        stream = self._engine.stream(ids, params)
+        try:
+            async for out in stream:
+                if out.finish_reason is None:
+                    if out.delta:
+                        yield {"event": "delta", "text": out.delta}
+                    continue
+                if out.delta:
+                    yield {"event": "delta", "text": out.delta}
+                yield {"event": "end", "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
+                       "completion_tokens": out.completion_tokens}
+        except (EngineError, ValueError) as e:
+            yield {"event": "error", "error": APIError(503, str(e), code="engine_error").to_dict()}
+        finally:
+            await stream.aclose()
+
+    def model_info(self) -> dict[str, Any]:
+        """The served model: id, checkpoint URI, local path, context length, device."""
+        return dict(self._info)
+
+    def stats(self) -> dict[str, Any]:
+        """Engine counters (requests, aborted, steps, running, waiting, ...)."""
+        return self._engine.stats()
+
+    def check_health(self) -> None:
+        """Serve's health check: the engine's step loop must be alive."""
+        if not self._engine.alive:
+            raise RuntimeError(f"generation engine stopped: {self._engine.last_error}")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown(timeout=1.0)

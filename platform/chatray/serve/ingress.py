@@ -1,0 +1,293 @@
+"""The HTTP ingress: a light FastAPI app (``@serve.ingress``) in front of the ``Generator`` deployment.
+
+It owns everything about HTTP and nothing about the model: API key (constant-time compare), body size
+limit (413), JSON/schema validation (400 naming the field), timeouts (408), backpressure from the
+generator's ``max_queued_requests`` (503/429 with Retry-After), OpenAI response and SSE shapes, and
+cancelling the generator call when the client goes away. Every error, including 404/405, uses OpenAI's
+``{"error": {...}}`` shape; bad input never yields a 5xx.
+
+No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` annotations of the
+class-based routes that ``@serve.ingress`` rewrites.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from chatray import __version__
+from chatray.serve.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    error_body,
+    new_id,
+    parse_request,
+)
+
+__all__ = ["Ingress", "IngressSettings", "app"]
+
+logger = logging.getLogger("ray.serve")
+
+
+class IngressSettings(BaseModel):
+    """What the ingress needs (a subset of the app args; ``api_key`` is the resolved secret)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str | None = None
+    max_body_bytes: int = Field(1 << 20, ge=1)
+    request_timeout_s: float = Field(100.0, gt=0)
+    retry_after_s: float = Field(1.0, ge=0)
+    readiness_timeout_s: float = Field(5.0, gt=0)
+
+
+app = FastAPI(title="chatray", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+@app.exception_handler(APIError)
+async def _api_error(_: Request, e: APIError) -> JSONResponse:
+    return _error_response(e)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    if e.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; see /v1/models, /v1/chat/completions"
+    elif e.status_code == 405:
+        message = f"method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(e.detail)
+    return JSONResponse(error_body(message, APIError._TYPES.get(e.status_code, "invalid_request_error")),
+                        status_code=e.status_code, headers=getattr(e, "headers", None))
+
+
+@app.exception_handler(Exception)
+async def _unexpected(_: Request, e: Exception) -> JSONResponse:  # a bug, never bad input
+    logger.exception("unexpected error in the chatray ingress")
+    return JSONResponse(error_body(f"internal error: {type(e).__name__}", "internal_error"), status_code=500)
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+@serve.deployment(name="Ingress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.1})
+@serve.ingress(app)
+class Ingress:
+    """OpenAI-compatible HTTP API; forwards generation to the ``Generator`` deployment handle."""
+
+    def __init__(self, generator: Any, settings: dict[str, Any]) -> None:
+        self._generator = generator
+        self._s = IngressSettings.model_validate(settings)
+        self._key = self._s.api_key.encode("utf-8") if self._s.api_key else None
+        self._model_info: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def _authorize(self, request: Request) -> None:
+        if self._key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise APIError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="missing_api_key")
+        # Constant-time comparison, so response timing says nothing about how much of the key matched.
+        if not hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), self._key):
+            raise APIError(401, "invalid API key", code="invalid_api_key")
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self._s.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise APIError(400, f"invalid Content-Length header {declared!r}") from None
+            if size > limit:
+                raise APIError(413, f"request body is {size} bytes; the limit is {limit} bytes",
+                               code="request_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # chunked uploads have no Content-Length: count as we go
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _overloaded(self, e: BackPressureError) -> APIError:
+        retry = e.retry_after_s if e.retry_after_s is not None else self._s.retry_after_s
+        return APIError(e.status_code, f"server overloaded ({e.message}); retry after {math.ceil(retry)}s",
+                        code="overloaded", headers={"Retry-After": str(max(1, math.ceil(retry)))})
+
+    def _unavailable(self, e: Exception) -> APIError:
+        logger.warning("generator unavailable: %s: %s", type(e).__name__, e)
+        retry = max(1, math.ceil(self._s.retry_after_s))
+        return APIError(503, f"model replica unavailable ({type(e).__name__}); retry in {retry}s",
+                        code="unavailable", headers={"Retry-After": str(retry)})
+
+    def _timeout(self) -> APIError:
+        return APIError(408, f"request timed out after {self._s.request_timeout_s:g}s", code="timeout")
+
+    # ------------------------------------------------------------------ health and models
+    @app.get("/healthz")
+    async def healthz(self) -> Response:
+        """Liveness: the ingress answers."""
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz(self) -> Response:
+        """Readiness: a generator replica has its model loaded and answers."""
+        try:
+            info = await asyncio.wait_for(self._generator.model_info.remote(), self._s.readiness_timeout_s)
+        except Exception as e:  # noqa: BLE001 - any failure means "not ready"
+            return JSONResponse(error_body(f"model not ready: {type(e).__name__}: {e}"[:300],
+                                           "service_unavailable_error"), status_code=503)
+        self._model_info = info
+        return JSONResponse({"status": "ready", "model": info["id"]})
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        """The served model and the checkpoint it came from."""
+        self._authorize(request)
+        try:
+            info = await asyncio.wait_for(self._generator.model_info.remote(), self._s.request_timeout_s)
+        except BackPressureError as e:
+            raise self._overloaded(e) from None
+        except (RayActorError, DeploymentUnavailableError) as e:
+            raise self._unavailable(e) from None
+        except asyncio.TimeoutError:
+            raise self._timeout() from None
+        self._model_info = info
+        return JSONResponse({"object": "list", "data": [{
+            "id": info["id"], "object": "model", "created": info["loaded_at"], "owned_by": "chatray",
+            "root": info["checkpoint"], "checkpoint": info["checkpoint"],
+            "context_length": info["context_length"],
+        }]})
+
+    # ------------------------------------------------------------------ generation
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        """OpenAI chat completions (the checkpoint's chat template is applied)."""
+        self._authorize(request)
+        req = parse_request(await self._read_body(request), ChatCompletionRequest)
+        return await self._generate("chat", req)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        """OpenAI (legacy) text completions: the prompt is used as is."""
+        self._authorize(request)
+        req = parse_request(await self._read_body(request), CompletionRequest)
+        return await self._generate("completion", req)
+
+    async def _generate(self, kind: str, req: ChatCompletionRequest | CompletionRequest) -> Response:
+        body = req.model_dump(mode="python")
+        deadline = time.monotonic() + self._s.request_timeout_s
+        if req.stream:
+            return await self._start_stream(kind, req, body, deadline)
+        response = self._generator.generate.remote(kind, body)
+        try:
+            result = await asyncio.wait_for(response, self._s.request_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise self._timeout() from None
+        except BackPressureError as e:
+            raise self._overloaded(e) from None
+        except (RayActorError, DeploymentUnavailableError) as e:  # a replica died mid-request
+            raise self._unavailable(e) from None
+        except asyncio.CancelledError:  # the client went away: stop the generation too
+            response.cancel()
+            raise
+        if "error" in result:
+            raise APIError.from_dict(result["error"])
+        make = chat_response if kind == "chat" else completion_response
+        rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
+        return JSONResponse(make(rid, result["model"], result["text"], result["finish_reason"],
+                                 result["prompt_tokens"], result["completion_tokens"]))
+
+    async def _start_stream(self, kind: str, req: ChatCompletionRequest | CompletionRequest, body: dict[str, Any],
+                            deadline: float) -> Response:
+        events = self._generator.options(stream=True).generate_stream.remote(kind, body)
+        try:
+            # Wait for the first event before answering 200, so request errors keep their status code.
+            first = await asyncio.wait_for(events.__anext__(), max(deadline - time.monotonic(), 0.001))
+        except asyncio.TimeoutError:
+            events.cancel()
+            raise self._timeout() from None
+        except BackPressureError as e:
+            raise self._overloaded(e) from None
+        except (RayActorError, DeploymentUnavailableError) as e:
+            raise self._unavailable(e) from None
+        except asyncio.CancelledError:
+            events.cancel()
+            raise
+        if first["event"] == "error":
+            events.cancel()
+            raise APIError.from_dict(first["error"])
+        return StreamingResponse(self._stream_body(kind, events, first, req.include_usage(), deadline),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def _stream_body(self, kind: str, events: Any, first: dict[str, Any], include_usage: bool,
+                           deadline: float) -> AsyncIterator[str]:
+        rid, created, model = new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time()), first["model"]
+        finished = False
+
+        def chunk(text: str, finish_reason: str | None = None) -> dict[str, Any]:
+            if kind == "chat":
+                return chat_chunk(rid, model, created, {"content": text} if text or finish_reason is None else {},
+                                  finish_reason)
+            return completion_chunk(rid, model, created, text, finish_reason)
+
+        try:
+            if kind == "chat":
+                yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+            while True:
+                try:
+                    ev = await asyncio.wait_for(events.__anext__(), max(deadline - time.monotonic(), 0.001))
+                except asyncio.TimeoutError:
+                    yield _sse(self._timeout().body())
+                    break
+                except StopAsyncIteration:
+                    yield _sse(error_body("generation ended unexpectedly", "service_unavailable_error"))
+                    break
+                if ev["event"] == "delta":
+                    yield _sse(chunk(ev["text"]))
+                elif ev["event"] == "end":
+                    finished = True
+                    yield _sse(chunk("", ev["finish_reason"]))
+                    if include_usage:
+                        usage = (ev["prompt_tokens"], ev["completion_tokens"])
+                        make = chat_chunk if kind == "chat" else completion_chunk
+                        yield _sse(make(rid, model, created, {} if kind == "chat" else "", usage=usage,
+                                        no_choices=True))
+                    break
+                elif ev["event"] == "error":
+                    yield _sse(APIError.from_dict(ev["error"]).body())
+                    break
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, OpenAI style
+            logger.warning("stream failed: %s: %s", type(e).__name__, e)
+            yield _sse(error_body(f"generation failed: {type(e).__name__}", "service_unavailable_error"))
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:  # client gone, timeout or error: free the generator's batch slot
+                events.cancel()

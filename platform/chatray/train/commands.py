@@ -1,0 +1,200 @@
+"""``chatray train ...``: thin click layer over :mod:`chatray.train` (no torch/ray import at module level).
+
+    chatray train --config jobs/finetune_tiny.yaml [--set train.max_steps=200 ...]
+    chatray train submit --address http://127.0.0.1:8265 --config jobs/finetune_gpt2.yaml
+    chatray train status RUN | chatray train logs RUN [--follow] | chatray train list
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from chatray.config import FinetuneConfig, field_help
+
+__all__ = ["train"]
+
+_DEFAULT_STORAGE = FinetuneConfig().run.storage_path
+
+
+def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by ``train`` and ``train submit`` (flags beat --set, which beats the YAML)."""
+    options = [
+        click.option("--config", "-c", "config", type=click.Path(dir_okay=False),
+                     help="YAML run config, e.g. jobs/finetune_tiny.yaml."),
+        click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config key (repeatable), e.g. --set train.lr=3e-4."),
+        click.option("--data", help=field_help(FinetuneConfig, "data.path")),
+        click.option("--storage", help=field_help(FinetuneConfig, "run.storage_path")),
+        click.option("--name", help=field_help(FinetuneConfig, "run.name")),
+        click.option("--max-steps", type=int, help=field_help(FinetuneConfig, "train.max_steps")),
+        click.option("--num-workers", type=int, help=field_help(FinetuneConfig, "scaling.num_workers")),
+        click.option("--use-gpu/--no-use-gpu", default=None, help=field_help(FinetuneConfig, "scaling.use_gpu")),
+    ]
+    for o in reversed(options):
+        f = o(f)
+    return f
+
+
+def _overrides(sets: tuple[str, ...], data: str | None, storage: str | None, name: str | None,
+               max_steps: int | None, num_workers: int | None, use_gpu: bool | None) -> list[str]:
+    out = list(sets)
+    for key, value in (("data.path", data), ("run.storage_path", storage), ("run.name", name),
+                       ("train.max_steps", max_steps), ("scaling.num_workers", num_workers),
+                       ("scaling.use_gpu", use_gpu)):
+        if value is not None:
+            out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+@click.group(invoke_without_command=True)
+@_run_options
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.pass_context
+def train(ctx: click.Context, config: str | None, sets: tuple[str, ...], data: str | None, storage: str | None,
+          name: str | None, max_steps: int | None, num_workers: int | None, use_gpu: bool | None,
+          progress: bool | None) -> None:
+    """Fine-tune a model on a prepared dataset with Ray Train (current cluster via RAY_ADDRESS, else a local one).
+
+    \b
+    Examples:
+      chatray train --config jobs/finetune_tiny.yaml
+      chatray train --config jobs/finetune_tiny.yaml --max-steps 400 --num-workers 2
+      chatray train submit --config jobs/finetune_gpt2.yaml --address http://HEAD:8265
+      chatray train status tiny-demo
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from chatray.config import load_config
+    from chatray.train.trainer import run_training
+
+    cfg = load_config(FinetuneConfig, config, _overrides(sets, data, storage, name, max_steps, num_workers, use_gpu))
+    s = run_training(cfg, progress=progress)
+    click.echo(f"done: {s['run_uri']} at step {s['step']} (loss {s['loss'] or float('nan'):.4f}, eval loss "
+               f"{s['eval_loss'] if s['eval_loss'] is not None else float('nan'):.4f}) in {s['seconds']:.0f}s")
+    if s["best"]:
+        click.echo(f"best checkpoint: {s['best']}")
+        click.echo(f"next: chatray serve --checkpoint {s['run_uri']}:best")
+
+
+@train.command("submit")
+@_run_options
+@click.option("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265).")
+@click.option("--wait/--no-wait", default=False, help="Stream the job's log until it ends (default: return at once).")
+def submit(config: str | None, sets: tuple[str, ...], data: str | None, storage: str | None, name: str | None,
+           max_steps: int | None, num_workers: int | None, use_gpu: bool | None, address: str | None,
+           wait: bool) -> None:
+    """Submit a fine-tuning run as a Ray job (jobs/finetune.py); prints the job id."""
+    from chatray.train.submit import job_client, job_logs, submit_training
+
+    job_id = submit_training(config, _overrides(sets, data, storage, name, max_steps, num_workers, use_gpu),
+                             address=address)
+    click.echo(job_id)
+    if wait:
+        client = job_client(address)
+        for chunk in job_logs(client, job_id, follow=True):
+            click.echo(chunk, nl=False)
+        status = client.get_job_status(job_id)
+        click.echo(f"job {job_id}: {status}", err=True)
+        if str(status) != "SUCCEEDED" and getattr(status, "value", "") != "SUCCEEDED":
+            raise SystemExit(1)
+    else:
+        click.echo(f"follow it: chatray train logs {name or '<run>'} --address {address or '$RAY_ADDRESS'} --follow",
+                   err=True)
+
+
+def _storage(storage: str | None, config: str | None) -> str:
+    if storage:
+        return storage
+    if config:
+        from chatray.config import load_config
+
+        return load_config(FinetuneConfig, config).run.storage_path
+    return _DEFAULT_STORAGE
+
+
+_storage_opts = [
+    click.option("--storage", help=f"Storage holding the runs (default: from --config, else {_DEFAULT_STORAGE})."),
+    click.option("--config", "-c", "config", type=click.Path(dir_okay=False),
+                 help="Take the storage from this config."),
+]
+
+
+def _with(opts: list[Callable[..., Any]]) -> Callable[..., Any]:
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        for o in reversed(opts):
+            f = o(f)
+        return f
+    return deco
+
+
+@train.command("status")
+@click.argument("run")
+@_with(_storage_opts)
+@click.option("--address", help="Also show the run's latest Ray job on this cluster.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(run: str, storage: str | None, config: str | None, address: str | None, as_json: bool) -> None:
+    """Step, losses and the best checkpoint of RUN (a run name, or <storage>/<run>)."""
+    from chatray.train.runs import format_status, run_status, run_uri_for
+
+    st = run_status(run_uri_for(run, _storage(storage, config)))
+    if address:
+        from chatray.train.submit import job_client, latest_job
+
+        job = latest_job(job_client(address), st["run_uri"].rstrip("/").rsplit("/", 1)[-1])
+        st["job"] = {"id": job.submission_id, "status": str(job.status)} if job else None
+    if as_json:
+        click.echo(json.dumps(st, indent=1, default=str))
+        return
+    click.echo(format_status(st))
+    if st.get("job"):
+        click.echo(f"job         {st['job']['id']} {st['job']['status']}")
+
+
+@train.command("logs")
+@click.argument("run")
+@_with(_storage_opts)
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until interrupted (or the job ends).")
+@click.option("--address", help="Print the Ray job's driver log from this cluster instead of the metrics log.")
+def logs(run: str, storage: str | None, config: str | None, follow: bool, address: str | None) -> None:
+    """Log of RUN: its Ray job's output (--address), or the metrics it logged to storage."""
+    if address:
+        from chatray.errors import ChatrayError
+        from chatray.train.submit import job_client, job_logs, latest_job
+
+        client = job_client(address)
+        job = latest_job(client, run.rstrip("/").rsplit("/", 1)[-1])
+        if job is None:
+            raise ChatrayError(f"no Ray job for run {run!r} on {address}",
+                               hint="see `chatray train list --address ...`")
+        out = job_logs(client, job.submission_id, follow=follow)
+        if isinstance(out, str):
+            click.echo(out, nl=False)
+        else:
+            for chunk in out:
+                click.echo(chunk, nl=False)
+        return
+    from chatray.train.runs import follow_metrics, format_metrics_line, run_uri_for
+
+    for rec in follow_metrics(run_uri_for(run, _storage(storage, config)), follow=follow):
+        click.echo(format_metrics_line(rec))
+
+
+@train.command("list")
+@_with(_storage_opts)
+@click.option("--address", help="Also list chatray jobs on this Ray cluster.")
+def list_(storage: str | None, config: str | None, address: str | None) -> None:
+    """Runs in storage (and, with --address, chatray jobs on the cluster)."""
+    from chatray.train.runs import format_runs, list_runs
+
+    where = _storage(storage, config)
+    click.echo(format_runs(list_runs(where)))
+    if address:
+        from chatray.train.submit import job_client
+
+        jobs = [j for j in job_client(address).list_jobs() if (j.metadata or {}).get("chatray_run")]
+        for j in sorted(jobs, key=lambda j: j.start_time or 0):
+            click.echo(f"job {j.submission_id}  run {j.metadata['chatray_run']}  {j.status}")

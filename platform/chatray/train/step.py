@@ -1,0 +1,231 @@
+"""One optimizer step of causal-LM fine-tuning, with no Ray in sight.
+
+:class:`TrainStep` owns the optimizer (AdamW, fused where available), the warm-up + cosine schedule,
+gradient accumulation, clipping, bf16 autocast and optional ``torch.compile``. Ray Train workers wrap it
+(``chatray.train.loop``); ``benchmarks/gpu_train.py`` and the unit tests drive it directly. When
+``torch.distributed`` is initialised (Ray Train sets it up) it averages over ranks; otherwise it is a
+plain single-process step.
+
+Loss normalisation is by target tokens over the whole global batch: every rank scales its summed loss by
+``world_size / global_target_tokens`` before DDP averages gradients, so N workers with batch B/N take the
+same step as one worker with batch B.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from chatray.train.data import IGNORE_INDEX, Batch, dummy_batch
+
+__all__ = ["StepConfig", "StepResult", "TrainStep", "lr_multiplier", "make_optimizer", "rng_state", "set_rng_state"]
+
+
+@dataclass
+class StepConfig:
+    """Optimiser and numerics of a training step."""
+
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    max_steps: int = 1000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did, summed over all ranks."""
+
+    step: int
+    lr: float
+    tokens: int  # input positions processed (padding included)
+    real_tokens: int  # input positions holding data
+    loss_tokens: int  # positions with a target
+
+
+def lr_multiplier(step: int, cfg: StepConfig) -> float:
+    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: StepConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, norms); fused kernels where supported."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": 1e-8}
+    try:
+        return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
+    except (RuntimeError, TypeError):  # fused unsupported for this device/dtype
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch (CPU + CUDA) and Python RNG states, in types ``torch.load(weights_only=True)`` accepts."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+class TrainStep:
+    """Forward/backward over ``grad_accum`` micro-batches, then clip and step AdamW and the schedule.
+
+    Args:
+        model: the model, possibly wrapped in DistributedDataParallel, already on ``device``.
+        cfg: optimiser and numerics.
+        device: where batches go.
+        pad_id: token used for the dummy batches of a worker whose data ran out.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: StepConfig, device: torch.device, pad_id: int = 0) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.pad_id = pad_id
+        self.model = model
+        self.raw_model = _unwrap(model)
+        self.optimizer = make_optimizer(self.raw_model, cfg, device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, cfg))
+        self.step = 0
+        self._forward = torch.compile(model) if cfg.compile else model
+        self._last: Batch | None = None
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # local, since last flush
+        self._loss_tokens = 0  # global, since last flush
+        self.grad_norm: torch.Tensor | None = None  # of the last step, before clipping
+        self.world_size = torch.distributed.get_world_size() if _distributed() else 1
+
+    # ---------------------------------------------------------------------------------------- numerics
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loss_sum(self, batch: Batch) -> torch.Tensor:
+        """Summed next-token cross-entropy over the batch's targets (float32)."""
+        with self._autocast():
+            logits = self._forward(input_ids=batch.input_ids).logits  # (B, T, vocab)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch.targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        if not _distributed():
+            return values
+        comm = self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor(values, dtype=torch.float64, device=comm)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    # ---------------------------------------------------------------------------------------- the step
+    def __call__(self, micro_batches: list[Batch | None]) -> StepResult | None:
+        """One optimizer step over this rank's micro-batches (``None`` = this rank's data ran out).
+
+        Returns:
+            The step's global counts, or None when every rank is out of data (nothing was done: the caller
+            starts the next epoch and calls again).
+        """
+        assert len(micro_batches) == self.cfg.grad_accum, (len(micro_batches), self.cfg.grad_accum)
+        real = [b for b in micro_batches if b is not None]
+        local = [float(sum(b.n_loss for b in real)), float(len(real)), float(sum(b.n_real for b in real)),
+                 float(sum(b.n_tokens for b in real))]
+        loss_tokens, n_real_batches, real_tokens, tokens = self._sum_over_ranks(local)
+        if n_real_batches == 0:
+            return None
+        scale = self.world_size / loss_tokens if loss_tokens else 0.0
+        self.model.train()
+        last = len(micro_batches) - 1
+        for i, b in enumerate(micro_batches):
+            if b is None:
+                b = dummy_batch(self._last, 1, 8, self.pad_id)
+            else:
+                self._last = b
+            b = b.to(self.device)
+            sync = contextlib.nullcontext()
+            if i < last and hasattr(self.model, "no_sync"):
+                sync = self.model.no_sync()  # DDP: all-reduce gradients on the last micro-batch only
+            with sync:
+                loss = self.loss_sum(b)
+                (loss * scale).backward()
+            self._loss_sum += loss.detach().double()
+        if self.cfg.grad_clip > 0:
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self._loss_tokens += int(loss_tokens)
+        return StepResult(self.step, lr, int(tokens), int(real_tokens), int(loss_tokens))
+
+    def flush_loss(self) -> float:
+        """Mean training loss per target token since the last flush, over all ranks (synchronises)."""
+        (total,) = self._sum_over_ranks([float(self._loss_sum.item())])
+        mean = total / self._loss_tokens if self._loss_tokens else float("nan")
+        self._loss_sum.zero_()
+        self._loss_tokens = 0
+        return mean
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> tuple[float, int]:
+        """Mean loss per target token over ``batches`` (this rank's share), summed over ranks.
+
+        Returns:
+            (eval_loss, target_tokens); the loss is NaN when there were no targets.
+        """
+        self.model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = 0
+        for b in batches:
+            b = b.to(self.device)
+            total += self.loss_sum(b).double()
+            n += b.n_loss
+        self.model.train()
+        s, count = self._sum_over_ranks([float(total.item()), float(n)])
+        return (s / count if count else float("nan")), int(count)
+
+    # ---------------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer, scheduler and step (for ``train_state.pt``)."""
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (the schedule continues at ``state['step']``)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
