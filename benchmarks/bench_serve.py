@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -167,8 +168,9 @@ def bench_model(name: str, ckpt: Path, url: str, args: argparse.Namespace) -> di
 
 def chatray_serve_cold_start(ckpt: Path, port: int) -> float:
     """``chatray serve`` as a user runs it (new local Ray, deploy, first 200), seconds from process start."""
-    cfg = Path(tempfile.mkdtemp()) / "serve_config.yaml"
     import yaml
+
+    cfg = ckpt.parents[1] / "serve_config.yaml"  # inside the benchmark's work folder (removed at the end)
 
     data = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     data["applications"][0]["args"]["checkpoint"] = f"{ckpt.parent}:best"
@@ -218,16 +220,20 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     rows = []
     try:
-        for s in sizes:
-            rows.append(bench_model(s, ckpts[s], f"http://127.0.0.1:{port}", args))
+        try:
+            for s in sizes:
+                rows.append(bench_model(s, ckpts[s], f"http://127.0.0.1:{port}", args))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        result = {"models": rows, "targets": {"overhead_ratio": "<= 1.10", "batching_ratio": ">= 4"},
+                  "threads": args.threads, "new_tokens": NEW_TOKENS, "clients": args.clients}
+        if not args.no_cli_cold_start and not args.quick:
+            cold = round(chatray_serve_cold_start(ckpts["tiny"], free_port()), 1)
+            result["chatray_serve_start_to_first_200_s"] = cold
+            print(f"chatray serve (new Ray + deploy) -> first 200: {cold}s")
     finally:
-        serve.shutdown()
-        ray.shutdown()
-    result = {"models": rows, "targets": {"overhead_ratio": "<= 1.10", "batching_ratio": ">= 4"},
-              "threads": args.threads, "new_tokens": NEW_TOKENS, "clients": args.clients}
-    if not args.no_cli_cold_start and not args.quick:
-        result["chatray_serve_start_to_first_200_s"] = round(chatray_serve_cold_start(ckpts["tiny"], free_port()), 1)
-        print(f"chatray serve (new Ray + deploy) -> first 200: {result['chatray_serve_start_to_first_200_s']}s")
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result))
 
 

@@ -27,6 +27,8 @@ pytestmark = pytest.mark.integration
 
 KEY = "test-key-0123456789"
 GEN_CPUS = 0.1  # the training tests share the 2-CPU session Ray
+# One pooled client for the whole module: a new httpx client per request costs ~50 ms of CPU (SSL context).
+HTTP = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +86,7 @@ def served(ray_session, tmp_path_factory):
                "tok": AutoTokenizer.from_pretrained(folder_a), "serve": serve, "cache": root / "cache"}
     finally:
         os.environ.pop("CHATRAY_IT_KEY", None)
+        HTTP.close()
         serve.shutdown()
 
 
@@ -95,7 +98,7 @@ def oai(served):
 
 
 def _chat(url: str, body: dict, headers: dict | None = None, timeout: float = 30) -> httpx.Response:
-    return httpx.post(url + "/v1/chat/completions", json=body, headers=headers or {}, timeout=timeout)
+    return HTTP.post(url + "/v1/chat/completions", json=body, headers=headers or {}, timeout=timeout)
 
 
 def _generator_stats(app: str) -> dict:
@@ -123,9 +126,9 @@ def _assert_openai_error(r: httpx.Response, status: int, param: str | None = Non
 # ---------------------------------------------------------------------------------------------- basics
 def test_health_ready_and_models(served):
     url = served["url"]
-    assert httpx.get(url + "/healthz").json() == {"status": "ok"}
-    assert httpx.get(url + "/readyz").json() == {"status": "ready", "model": "run-a"}
-    (model,) = httpx.get(url + "/v1/models").json()["data"]
+    assert HTTP.get(url + "/healthz").json() == {"status": "ok"}
+    assert HTTP.get(url + "/readyz").json() == {"status": "ready", "model": "run-a"}
+    (model,) = HTTP.get(url + "/v1/models").json()["data"]
     assert model["id"] == "run-a" and model["checkpoint"] == served["ckpt_a"]
     assert model["context_length"] == 128
 
@@ -224,7 +227,7 @@ def test_bad_input_gets_openai_errors(served, name, body, status, param):
     for stream in (False, True):
         if stream and isinstance(body, dict):
             raw = json.dumps({**body, "stream": True} if name != "stream not bool" else body).encode()
-        r = httpx.post(served["url"] + "/v1/chat/completions", content=raw,
+        r = HTTP.post(served["url"] + "/v1/chat/completions", content=raw,
                        headers={"content-type": "application/json"}, timeout=30)
         err = _assert_openai_error(r, status, param)
         if name == "context":
@@ -232,7 +235,7 @@ def test_bad_input_gets_openai_errors(served, name, body, status, param):
 
 
 def test_context_overflow_on_completions_names_both_numbers(served):
-    r = httpx.post(served["url"] + "/v1/completions", json={"prompt": [5] * 100, "max_tokens": 50}, timeout=30)
+    r = HTTP.post(served["url"] + "/v1/completions", json={"prompt": [5] * 100, "max_tokens": 50}, timeout=30)
     err = _assert_openai_error(r, 400, "max_tokens")
     assert "100 tokens" in err["message"] and "(50)" in err["message"] and "128" in err["message"]
 
@@ -246,14 +249,14 @@ def test_unknown_fields_are_ignored(served):
 def test_body_too_large_routes_and_methods(served):
     url = served["url"]
     big = json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]}).encode()
-    _assert_openai_error(httpx.post(url + "/v1/chat/completions", content=big, timeout=30), 413)
+    _assert_openai_error(HTTP.post(url + "/v1/chat/completions", content=big, timeout=30), 413)
     # chunked upload without Content-Length is counted too (guarded limit: 4 KiB)
     chunks = iter([b'{"messages": [{"role": "user", "content": "', b"y" * 8192, b'"}]}'])
-    r = httpx.post(url + "/guarded/v1/chat/completions", content=chunks,
+    r = HTTP.post(url + "/guarded/v1/chat/completions", content=chunks,
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     _assert_openai_error(r, 413)
-    _assert_openai_error(httpx.get(url + "/v1/nothing-here"), 404)
-    _assert_openai_error(httpx.get(url + "/v1/chat/completions"), 405)
+    _assert_openai_error(HTTP.get(url + "/v1/nothing-here"), 404)
+    _assert_openai_error(HTTP.get(url + "/v1/chat/completions"), 405)
 
 
 def test_api_key(served):
@@ -262,9 +265,9 @@ def test_api_key(served):
     _assert_openai_error(_chat(g, body), 401)
     _assert_openai_error(_chat(g, body, {"Authorization": "Bearer wrong"}), 401)
     _assert_openai_error(_chat(g, body, {"Authorization": KEY}), 401)  # no "Bearer"
-    _assert_openai_error(httpx.get(g + "/v1/models"), 401)
+    _assert_openai_error(HTTP.get(g + "/v1/models"), 401)
     assert _chat(g, body, {"Authorization": f"Bearer {KEY}"}).status_code == 200
-    assert httpx.get(g + "/healthz").status_code == 200  # health stays open for probes
+    assert HTTP.get(g + "/healthz").status_code == 200  # health stays open for probes
 
 
 def _fuzz_bodies(n: int, seed: int = 0) -> list[bytes]:
@@ -307,7 +310,7 @@ def test_fuzz_malformed_bodies_never_5xx(served):
     def send(item: tuple[int, bytes]) -> tuple[int, bytes]:
         i, raw = item
         path = "/v1/completions" if i % 7 == 0 else "/v1/chat/completions"
-        r = httpx.post(url + path, content=raw, headers={"content-type": "application/json"}, timeout=60)
+        r = HTTP.post(url + path, content=raw, headers={"content-type": "application/json"}, timeout=60)
         return r.status_code, r.content
 
     with ThreadPoolExecutor(8) as pool:
@@ -318,8 +321,8 @@ def test_fuzz_malformed_bodies_never_5xx(served):
         if code != 200:
             assert set(json.loads(content)["error"]) == {"message", "type", "param", "code"}
     assert codes.count(400) > 150
-    assert httpx.get(url + "/healthz").status_code == 200
-    assert httpx.get(url + "/readyz").status_code == 200
+    assert HTTP.get(url + "/healthz").status_code == 200
+    assert HTTP.get(url + "/readyz").status_code == 200
     assert _chat(url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).status_code == 200
     assert _generator_stats("main")["alive"]
 
@@ -346,7 +349,7 @@ def test_client_disconnect_cancels_generation(served):
     headers = {"Authorization": f"Bearer {KEY}"}
     before = _generator_stats("guarded")["aborted"]
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "stream": True}
-    with httpx.stream("POST", g + "/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
+    with HTTP.stream("POST", g + "/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         got = [next(lines) for _ in range(4)]
@@ -439,6 +442,6 @@ def test_redeploy_under_load_keeps_answering(served, s3_server):
         time.sleep(1.0)
     assert load.failures == [], load.failures[:5]
     assert models == {"run-a", "run-b"}
-    (model,) = httpx.get(url + "/v1/models").json()["data"]
+    (model,) = HTTP.get(url + "/v1/models").json()["data"]
     assert model["id"] == "run-b" and model["checkpoint"] == bucket_run + ":best"
     assert [p for p in served["cache"].iterdir() if not p.name.startswith(".")]  # copied once into the cache

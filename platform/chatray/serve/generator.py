@@ -18,9 +18,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from chatray.serve.engine import AsyncEngine, EngineError, GenerationEngine, load_for_serving
-from chatray.serve.prompting import SamplingDefaults, build_prompt
 from chatray.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
+
+# torch/transformers (chatray.serve.engine, chatray.serve.prompting) are imported inside the replica only:
+# building the app (`serve deploy`'s build task, `chatray serve`) and the ingress never need them.
 
 __all__ = ["Generator", "GeneratorSettings"]
 
@@ -58,6 +59,8 @@ class Generator:
     def __init__(self, settings: dict[str, Any]) -> None:
         import torch
 
+        from chatray.serve.engine import AsyncEngine, EngineError, GenerationEngine, load_for_serving
+        from chatray.serve.prompting import SamplingDefaults, build_prompt
         from chatray.storage.checkpoints import materialize_checkpoint
 
         s = GeneratorSettings.model_validate(settings)
@@ -68,6 +71,7 @@ class Generator:
                                    batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s)
         self._tokenizer = tokenizer
         self._defaults = SamplingDefaults(**s.defaults)
+        self._build_prompt, self._engine_error = build_prompt, EngineError
         self._info = {
             "id": s.model_name, "checkpoint": s.checkpoint, "local_path": str(local),
             "context_length": self._engine.engine.context_length, "device": str(self._engine.engine.device),
@@ -80,7 +84,7 @@ class Generator:
     def _prepare(self, kind: str, body: dict[str, Any]):
         model = ChatCompletionRequest if kind == "chat" else CompletionRequest
         req = model.model_validate(body)
-        return build_prompt(self._tokenizer, req, context_length=self._engine.engine.context_length,
+        return self._build_prompt(self._tokenizer, req, context_length=self._engine.engine.context_length,
                             vocab_size=self._engine.engine.vocab_size, defaults=self._defaults)
 
     async def generate(self, kind: Literal["chat", "completion"], body: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +97,7 @@ class Generator:
             return {"error": e.to_dict()}
         except ValueError as e:
             return {"error": APIError(400, str(e)).to_dict()}
-        except EngineError as e:
+        except self._engine_error as e:
             return {"error": APIError(503, str(e), code="engine_error").to_dict()}
         return {"text": done.text, "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
                 "completion_tokens": done.completion_tokens, "model": self._info["id"]}
@@ -124,7 +128,7 @@ class Generator:
                     yield {"event": "delta", "text": out.delta}
                 yield {"event": "end", "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
                        "completion_tokens": out.completion_tokens}
-        except (EngineError, ValueError) as e:
+        except (self._engine_error, ValueError) as e:
             yield {"event": "error", "error": APIError(503, str(e), code="engine_error").to_dict()}
         finally:
             await stream.aclose()
