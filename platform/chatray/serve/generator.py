@@ -61,11 +61,12 @@ class Generator:
 
         from chatray.serve.engine import AsyncEngine, EngineError, GenerationEngine, load_for_serving
         from chatray.serve.prompting import SamplingDefaults, build_prompt
-        from chatray.storage.checkpoints import materialize_checkpoint
+        from chatray.storage.checkpoints import materialize_checkpoint, resolve_checkpoint
 
         s = GeneratorSettings.model_validate(settings)
         t0 = time.perf_counter()
-        local = materialize_checkpoint(s.checkpoint, cache_dir=s.cache_dir)
+        resolved = resolve_checkpoint(s.checkpoint)  # `<run>:best` -> the concrete checkpoint folder
+        local = materialize_checkpoint(resolved, cache_dir=s.cache_dir)
         model, tokenizer = load_for_serving(local, device=s.device, dtype=s.dtype)
         self._engine = AsyncEngine(GenerationEngine(model, tokenizer, max_batch_size=s.max_batch_size),
                                    batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s)
@@ -73,7 +74,8 @@ class Generator:
         self._defaults = SamplingDefaults(**s.defaults)
         self._build_prompt, self._engine_error = build_prompt, EngineError
         self._info = {
-            "id": s.model_name, "checkpoint": s.checkpoint, "local_path": str(local),
+            "id": s.model_name, "checkpoint": s.checkpoint, "resolved_checkpoint": resolved,
+            "local_path": str(local),
             "context_length": self._engine.engine.context_length, "device": str(self._engine.engine.device),
             "dtype": str(model.dtype).removeprefix("torch."), "max_batch_size": s.max_batch_size,
             "loaded_at": int(time.time()), "torch_threads": torch.get_num_threads(),

@@ -180,7 +180,8 @@ class Ingress:
         self._model_info = info
         return JSONResponse({"object": "list", "data": [{
             "id": info["id"], "object": "model", "created": info["loaded_at"], "owned_by": "chatray",
-            "root": info["checkpoint"], "checkpoint": info["checkpoint"],
+            "root": info.get("resolved_checkpoint", info["checkpoint"]), "checkpoint": info["checkpoint"],
+            "resolved_checkpoint": info.get("resolved_checkpoint", info["checkpoint"]),
             "context_length": info["context_length"],
         }]})
 
