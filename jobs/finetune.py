@@ -22,7 +22,7 @@ from chatray.train.trainer import run_training  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments, train, print the summary as JSON; exit 1 with one line on bad input."""
+    """Parse arguments, train, print ``summary: {json}``; exit 1 with one line on bad input."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (jobs/finetune_tiny.yaml, ...)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(e, "hint", None):
             print(f"hint: {e.hint}", file=sys.stderr)
         return 1
-    print(json.dumps(summary, indent=1))
+    print("summary: " + json.dumps(summary), flush=True)
     return 0
 
 

@@ -426,7 +426,8 @@ class RunSection:
     name: str = opt("tiny-demo", "run name: checkpoints go to <storage_path>/<name>; rerunning a name resumes it")
     storage_path: str = opt(".demo/checkpoints", "shared storage: a local/NFS folder or s3://bucket/prefix")
     max_failures: int = opt(2, "worker-group restarts from the latest checkpoint before the run fails (-1 = no limit)")
-    resume: bool = opt(True, "continue from the run's latest valid checkpoint when there is one")
+    resume: bool = opt(True, "continue from the run's latest valid checkpoint; false starts over (a local run "
+                       "folder is moved aside to <name>.replaced-<time>, never deleted)")
 
     def __post_init__(self) -> None:
         problems = []

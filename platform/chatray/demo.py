@@ -78,7 +78,7 @@ def run_demo(fresh: bool = False, chat: bool = True) -> None:
     if (data / "manifest.json").exists() and not fresh:
         _done(t, "reusing the prepared dataset")
     else:
-        _chatray("data", "prepare", "--demo", "--out", str(data), "--tokenizer", "train:4000", "--max-length", "128",
+        _chatray("data", "prepare", "--demo", "--out", str(data), "--tokenizer", "train:8000", "--max-length", "128",
                  "--overwrite", env={**env, "RAY_ADDRESS": cluster.address})
         _done(t)
 

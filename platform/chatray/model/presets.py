@@ -29,13 +29,9 @@ class TinyPreset:
 
 TINY = TinyPreset()
 
-# Aliases users may write; any other hub id or folder also works.
-HUB_PRESETS: dict[str, str] = {
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
+# Hub ids of the named presets (the hub serves them under these short names, and so do local HF caches that
+# `chatray data prepare --tokenizer gpt2` filled); any other hub id or folder also works.
+HUB_PRESETS: dict[str, str] = {name: name for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 
 # Architectures of the hub presets, for building them from a config (benchmarks, no download):
 # (n_layer, n_head, n_embd, n_positions, vocab_size).

@@ -253,9 +253,11 @@ def make_train_dataset(dataset_uri: str, *, packing: Literal["pack", "pad"], blo
     from chatray.storage.uri import filesystem_for
 
     if in_memory:
-        return ray.data.from_arrow(_local_blocks(dataset_uri, packing=packing, block_size=block_size, pad_id=pad_id,
-                                                 rows_per_block=rows_per_block,
-                                                 pack_rows_per_batch=pack_rows_per_batch, manifest=manifest))
+        ds = ray.data.from_arrow(_local_blocks(dataset_uri, packing=packing, block_size=block_size, pad_id=pad_id,
+                                               rows_per_block=rows_per_block,
+                                               pack_rows_per_batch=pack_rows_per_batch, manifest=manifest))
+        ds.context.enable_progress_bars = False  # training logs its own progress
+        return ds
     files = split_files(dataset_uri, "train", manifest)
     if not files:
         raise ChatrayError(f"{dataset_uri}: the train split has no files")
@@ -263,6 +265,7 @@ def make_train_dataset(dataset_uri: str, *, packing: Literal["pack", "pad"], blo
     paths = [filesystem_for(f)[1] for f in files]
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["input_ids", "labels"])
     ds.context.execution_options.preserve_order = True  # same blocks in the same order on every run
+    ds.context.enable_progress_bars = False  # training logs its own progress
     if packing == "pack":
         ds = ds.map_batches(_pack_batch, fn_kwargs={"block_size": block_size, "pad_id": pad_id},
                             batch_size=pack_rows_per_batch, batch_format="numpy")

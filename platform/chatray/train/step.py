@@ -124,7 +124,8 @@ class TrainStep:
         self.optimizer = make_optimizer(self.raw_model, cfg, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, cfg))
         self.step = 0
-        self._forward = torch.compile(model) if cfg.compile else model
+        # Forward + loss compiled together, so the float32 upcast of the logits and the cross-entropy fuse.
+        self._loss = torch.compile(self._loss_impl) if cfg.compile else self._loss_impl
         self._last: Batch | None = None
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # local, since last flush
         self._loss_tokens = 0  # global, since last flush
@@ -137,12 +138,15 @@ class TrainStep:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _loss_impl(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.model(input_ids=input_ids).logits  # (B, T, vocab)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
     def loss_sum(self, batch: Batch) -> torch.Tensor:
         """Summed next-token cross-entropy over the batch's targets (float32)."""
-        with self._autocast():
-            logits = self._forward(input_ids=batch.input_ids).logits  # (B, T, vocab)
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch.targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+        return self._loss(batch.input_ids, batch.targets)
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         if not _distributed():

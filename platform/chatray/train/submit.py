@@ -25,9 +25,11 @@ __all__ = ["DEFAULT_ADDRESS", "RUNTIME_ENV_EXCLUDES", "job_client", "job_logs", 
            "source_root", "submit_training"]
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Applied to the working_dir and to the chatray py_module alike, so only patterns that cannot match package
+# code (no bare "data": that would drop chatray/data). Datasets and checkpoints go by their file types.
 RUNTIME_ENV_EXCLUDES = [
-    ".git", ".venv", "venv", ".demo", "/data", "/checkpoints", ".device", ".whl", ".pytest_cache", ".ruff_cache",
-    "**/__pycache__", "*.egg-info", "build", "dist", "*.parquet", "*.safetensors", "*.pt", "*.bin", "tests",
+    ".git", ".venv", "venv", ".demo", ".device", ".whl", ".pytest_cache", ".ruff_cache", "**/__pycache__",
+    "*.egg-info", "*.parquet", "*.safetensors", "*.pt", "*.bin", "*.arrow", "/tests",
 ]
 _FORWARD = ("AWS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "CHATRAY_")
 

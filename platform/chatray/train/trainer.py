@@ -91,16 +91,51 @@ def _compat(cfg: FinetuneConfig, plan: dict[str, Any]) -> dict[str, Any]:
             "block_size": plan["block_size"], "tokenizer_fingerprint": plan["fingerprint"]}
 
 
+def _set_aside(run_uri: str) -> None:
+    """``run.resume: false`` on an existing run: move its folder aside (never delete or overwrite checkpoints)."""
+    from chatray.storage.uri import exists
+
+    if not exists(run_uri):
+        return
+    if is_remote(run_uri):
+        raise ChatrayError(f"run {run_uri} exists and run.resume is false; chatray does not move object-store runs",
+                           hint="pick a new run name (--name), or delete the old run yourself")
+    _, path = filesystem_for(run_uri)
+    aside = f"{path}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(path, aside)
+    print(f"[chatray train] run.resume is false: moved the existing run to {aside}", file=sys.stderr, flush=True)
+
+
+def _check_ray_snapshot(run_uri: str) -> None:
+    """Ray Train restores a run from ``checkpoint_manager_snapshot.json``; catch what would make it fail."""
+    from chatray.storage.uri import exists
+
+    snap_uri = join(run_uri, "checkpoint_manager_snapshot.json")
+    if not exists(snap_uri):
+        return
+    import ray
+    try:
+        snap = json.loads(read_text(snap_uri))
+    except ValueError as e:
+        raise ChatrayError(f"{snap_uri} is corrupt ({e})", hint="use a new run name (--name)") from e
+    if snap.get("ray_version") not in (None, ray.__version__):
+        raise ChatrayError(f"run {run_uri} was written by Ray {snap.get('ray_version')}, this is Ray {ray.__version__};"
+                           " Ray Train cannot resume it", hint="use the same Ray version, or a new run name (--name)")
+    for r in snap.get("checkpoint_results", []):
+        name = r.get("checkpoint_dir_name")
+        if name and not exists(join(run_uri, name)):
+            raise ChatrayError(f"run {run_uri}: Ray's checkpoint list names {name}, which no longer exists",
+                               hint="restore that folder, or use a new run name (--name)")
+
+
 def _check_resume(cfg: FinetuneConfig, plan: dict[str, Any]) -> int:
     """Step of the checkpoint a rerun would continue from (0: fresh); errors when it cannot continue."""
     from chatray.storage.checkpoints import latest_checkpoint
 
+    _check_ray_snapshot(plan["run_uri"])
     latest = latest_checkpoint(plan["run_uri"], require_train_state=True)
     if latest is None:
         return 0
-    if not cfg.run.resume:
-        raise ChatrayError(f"run {plan['run_uri']} already has checkpoints (latest: step {latest.step}) and "
-                           "run.resume is false", hint="pick a new run name (--name) or drop run.resume=false")
     try:
         saved = json.loads(read_text(join(latest.uri, "train_config.json")))
     except (ChatrayError, ValueError):
@@ -179,6 +214,8 @@ def plan_run(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Any]]:
     }
     if plan["train_rows"] == 0:
         raise ChatrayError(f"dataset {cfg.data.path} has no training rows")
+    if not cfg.run.resume:
+        _set_aside(run_uri)
     _check_writable(cfg.run.storage_path, run_uri)
     plan["start_step"] = _check_resume(cfg, plan)
     return cfg, plan

@@ -93,8 +93,10 @@ def test_resume_with_incompatible_config_is_refused(small_dataset, tmp_path):
     assert again["start_step"] == 10  # same model: resumes
     with pytest.raises(ChatrayError, match=r"cannot resume run .* from step 10: n_layer was 1, now 2"):
         plan_run(_cfg(small_dataset, tmp_path, "model.n_layer=2"))
-    with pytest.raises(ChatrayError, match="already has checkpoints"):
-        plan_run(_cfg(small_dataset, tmp_path, "model.n_layer=1", "run.resume=false"))
+    _, fresh = plan_run(_cfg(small_dataset, tmp_path, "model.n_layer=2", "run.resume=false"))  # start over
+    assert fresh["start_step"] == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoint_00000010" / "model.safetensors").is_file(), "kept, not deleted"
 
 
 def test_cli_prints_one_line_errors(tmp_path):
