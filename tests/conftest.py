@@ -102,7 +102,8 @@ def ray_session():
     if ray.is_initialized():
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True,
+    # address="local": always a fresh in-process cluster, never one started by `ray start` on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
         yield ray

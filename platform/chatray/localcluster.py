@@ -85,6 +85,34 @@ def _auth_header() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+_DEFAULT_AGENT_PORT = 52365
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    # Ray's agent binds the node IP or all interfaces: check those too.
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def cluster_alive(cluster: LocalCluster | None = None, timeout: float = 2.0) -> bool:
     """Whether a Ray dashboard (and so a head node) answers on ``cluster``'s dashboard port."""
     cluster = cluster or LocalCluster()
@@ -116,8 +144,11 @@ def start_local_cluster(cluster: LocalCluster | None = None, num_cpus: int | Non
            "--dashboard-host=127.0.0.1", f"--dashboard-port={cluster.dashboard_port}", "--disable-usage-stats"]
     if num_cpus:
         cmd.append(f"--num-cpus={num_cpus}")
-    if cluster.agent_port:
-        cmd.append(f"--dashboard-agent-listen-port={cluster.agent_port}")
+    if not cluster.agent_port:
+        # Ray's job agent always wants 52365; another Ray on this machine (a test suite's ray.init()) may hold
+        # it, and jobs then fail with "No available agent to submit job". Take a free port instead.
+        cluster.agent_port = _DEFAULT_AGENT_PORT if _port_free(_DEFAULT_AGENT_PORT) else _free_port()
+    cmd.append(f"--dashboard-agent-listen-port={cluster.agent_port}")
     if temp_dir:
         cmd.append(f"--temp-dir={temp_dir}")
     env = dict(os.environ if extra_env is None else {**os.environ, **extra_env})
@@ -130,9 +161,9 @@ def start_local_cluster(cluster: LocalCluster | None = None, num_cpus: int | Non
         raise ChatrayError(f"`ray start --head` failed (exit {r.returncode}):\n{tail}",
                            hint="is another Ray using port 6379? `ray stop` stops it")
     deadline = time.time() + wait_s
-    while not cluster_alive(cluster):
+    while not (cluster_alive(cluster) and not _port_free(cluster.agent_port)):
         if time.time() > deadline:
-            raise ChatrayError(f"Ray started but its dashboard never answered at {cluster.dashboard_url}")
+            raise ChatrayError(f"Ray started but its dashboard/job agent never answered at {cluster.dashboard_url}")
         time.sleep(1)
     _state_file().parent.mkdir(parents=True, exist_ok=True)
     _state_file().write_text(json.dumps({"address": cluster.address, "dashboard": cluster.dashboard_url,

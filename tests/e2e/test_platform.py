@@ -77,6 +77,14 @@ def test_prepare_train_submit_serve_chat(ray_head, tmp_path_factory):
     deploy_cfg.write_text(yaml.safe_dump(cfg, sort_keys=False))
     serve = str(Path(sys.executable).parent / "serve")
     _run([serve, "deploy", str(deploy_cfg), "-a", ray_head["dashboard"]], env)
+    try:
+        _chat_over_http(serve, ray_head, env, port)
+    finally:  # free the cluster's CPUs for the other e2e tests
+        subprocess.run([serve, "shutdown", "-y", "-a", ray_head["dashboard"]], env=env, capture_output=True,
+                       timeout=120)
+
+
+def _chat_over_http(serve: str, ray_head: dict, env: dict[str, str], port: int) -> None:
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while True:

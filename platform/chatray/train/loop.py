@@ -41,12 +41,16 @@ TRAIN_STATE_VERSION = 1
 FAULT_ENV = "CHATRAY_FAULT_AT_STEP"
 
 
+# Written to the streams directly: Ray Train V2 patches print() in workers to tee into its logger, which
+# shows every line twice in the driver log.
 def _say(msg: str) -> None:
-    print(f"[chatray train] {msg}", flush=True)
+    sys.stdout.write(f"[chatray train] {msg}\n")
+    sys.stdout.flush()
 
 
 def _warn(msg: str) -> None:
-    print(f"[chatray train] warning: {msg}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"[chatray train] warning: {msg}\n")
+    sys.stderr.flush()
 
 
 class _EpochStream:
@@ -127,6 +131,13 @@ def _local_copy(info: CheckpointInfo) -> Path:
     if info.uri not in _COPIES:
         _COPIES[info.uri] = download_dir(info.uri, tempfile.mkdtemp(prefix="chatray-resume-"))
     return _COPIES[info.uri]
+
+
+def _drop_copies() -> None:
+    """Delete the local copies of remote checkpoints once model and state are loaded (they can be GBs)."""
+    for path in _COPIES.values():
+        shutil.rmtree(path, ignore_errors=True)
+    _COPIES.clear()
 
 
 def _choose_resume(run_uri: str) -> tuple[str | None, dict[str, Any] | None]:
@@ -281,6 +292,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = build_model(cfg.model.name, vocab_size=plan["vocab_size"], block_size=plan["block_size"],
                             eos_token_id=plan["eos_id"], n_layer=cfg.model.n_layer, n_head=cfg.model.n_head,
                             n_embd=cfg.model.n_embd, dropout=cfg.model.dropout, seed=cfg.train.seed)
+    _drop_copies()
     if cfg.model.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable()
