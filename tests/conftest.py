@@ -48,7 +48,9 @@ def s3_server():
 
     Yields a dict with ``endpoint`` (http://127.0.0.1:PORT) and ``bucket`` (already created).
     """
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    # This environment's moto first: an older moto elsewhere on PATH mis-handles pyarrow 26's multipart uploads.
+    venv_exe = Path(sys.executable).parent / "moto_server"
+    exe = str(venv_exe) if venv_exe.exists() else shutil.which("moto_server")
     port = free_port()
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

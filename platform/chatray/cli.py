@@ -51,9 +51,9 @@ def cli(debug: bool) -> None:
 
     \b
     Typical flow:
-      chatray data prepare --demo --out data/demo
+      chatray data prepare --demo --out .demo/data --tokenizer train:8000 --max-length 128
       chatray train --config jobs/finetune_tiny.yaml
-      chatray serve --checkpoint checkpoints/tiny-demo:best
+      chatray serve --checkpoint .demo/checkpoints/tiny-demo:best
       chatray chat
     """
     if debug:
@@ -61,29 +61,13 @@ def cli(debug: bool) -> None:
 
 
 def _attach() -> None:
+    from chatray.cluster_commands import down, up
     from chatray.data.commands import data
+    from chatray.serve.commands import chat, generate, serve
+    from chatray.train.commands import train
 
-    cli.add_command(data)
-    try:
-        from chatray.train.commands import train
-    except ImportError:  # pragma: no cover - during development only
-        pass
-    else:
-        cli.add_command(train)
-    try:
-        from chatray.serve.commands import chat, generate, serve
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        for c in (serve, chat, generate):
-            cli.add_command(c)
-    try:
-        from chatray.cluster_commands import down, up
-    except ImportError:  # pragma: no cover
-        pass
-    else:
-        cli.add_command(up)
-        cli.add_command(down)
+    for command in (data, train, serve, chat, generate, up, down):
+        cli.add_command(command)
 
 
 _attach()
