@@ -36,8 +36,11 @@ demo: $(STAMP)
 down: $(STAMP)
 	@$(BIN)/chatray down
 
+# e2e runs in its own pytest process: it drives a `ray start --head` cluster and the Jobs SDK, whose
+# process-wide Ray auth state must not leak into the in-process Ray of the other tiers.
 test: $(STAMP)
-	@$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+	@$(BIN)/python -m pytest tests -m "not e2e" $(PYTEST_ARGS)
+	@$(BIN)/python -m pytest tests/e2e -m e2e $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	@$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -104,6 +104,8 @@ def ray_session():
     if ray.is_initialized():
         yield ray
         return
+    # Let ray.init() pick the auth mode of the cluster it starts (a Jobs client may have set token mode).
+    os.environ.pop("RAY_AUTH_MODE", None)
     # address="local": always a fresh in-process cluster, never one started by `ray start` on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
