@@ -24,6 +24,7 @@ __all__ = [
     "LocalCluster",
     "cluster_alive",
     "ray_auth_env",
+    "ray_auth_headers",
     "ray_executable",
     "start_local_cluster",
     "stop_local_cluster",
@@ -76,12 +77,13 @@ def ray_auth_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-def _auth_header() -> dict[str, str]:
+def ray_auth_headers() -> dict[str, str]:
+    """``Authorization: Bearer <token>`` for Ray's HTTP APIs when a token is available, else ``{}``."""
     env = ray_auth_env()
     token = env.get("RAY_AUTH_TOKEN")
-    path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
     if not token and path.is_file():
-        token = path.read_text().strip()
+        token = path.read_text(encoding="utf-8").strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -116,7 +118,7 @@ def _free_port() -> int:
 def cluster_alive(cluster: LocalCluster | None = None, timeout: float = 2.0) -> bool:
     """Whether a Ray dashboard (and so a head node) answers on ``cluster``'s dashboard port."""
     cluster = cluster or LocalCluster()
-    req = urllib.request.Request(f"{cluster.dashboard_url}/api/version", headers=_auth_header())
+    req = urllib.request.Request(f"{cluster.dashboard_url}/api/version", headers=ray_auth_headers())
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status == 200

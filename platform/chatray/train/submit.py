@@ -50,16 +50,13 @@ def source_root() -> Path:
 
 
 def _auth_headers() -> dict[str, str]:
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    if not token:
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-        if path.is_file():
-            token = path.read_text(encoding="utf-8").strip()
-    if not token:
-        return {}
-    # The Jobs SDK adds its own header only in token mode; ours is used either way.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    return {"Authorization": f"Bearer {token}"}
+    from chatray.localcluster import ray_auth_headers
+
+    headers = ray_auth_headers()
+    if headers:
+        # The Jobs SDK adds its own header only in token mode; ours is used either way.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    return headers
 
 
 def job_client(address: str | None = None) -> JobSubmissionClient:
