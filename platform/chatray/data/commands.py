@@ -22,16 +22,18 @@ def data() -> None:
               help="train[:VOCAB] trains a byte-level BPE on the inputs; gpt2, a hub id or a folder loads one.")
 @click.option("--max-length", default=512, show_default=True, type=int, help="Tokens per row (the context length).")
 @click.option("--eval-fraction", default=0.05, show_default=True, type=float, help="Share held out for eval.")
-@click.option("--shards", default=2, show_default=True, type=int, help="Parquet files in the train split.")
+@click.option("--shards", default=None, type=int,
+              help="Parquet files in the train split, one Ray Data task each (default: one per cluster CPU, "
+                   "more for inputs over 50,000 conversations per CPU).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Shuffle seed (same seed, same dataset).")
 @click.option("--skip-invalid", is_flag=True, help="Skip and count bad records instead of failing on the first.")
 @click.option("--train-on-all", is_flag=True, help="Put loss on every token, not only assistant turns.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out.")
-@click.option("--num-workers", type=int, default=None, help="Tokenizer actors (default: the cluster's CPUs).")
+@click.option("--num-workers", type=int, default=None, help="Tokenizer tasks at a time (default: the cluster's CPUs).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def prepare(inputs: tuple[str, ...], out: str, demo: bool, fmt: str, tokenizer: str, max_length: int,
-            eval_fraction: float, shards: int, seed: int, skip_invalid: bool, train_on_all: bool, overwrite: bool,
-            num_workers: int | None, quiet: bool) -> None:
+            eval_fraction: float, shards: int | None, seed: int, skip_invalid: bool, train_on_all: bool,
+            overwrite: bool, num_workers: int | None, quiet: bool) -> None:
     """Turn dialogue files (INPUTS: files, folders, chatterbot:english|chinese) into a training dataset."""
     from chatray.data.corpus import DEMO_INPUTS
     from chatray.data.prepare import prepare_dataset

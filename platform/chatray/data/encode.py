@@ -1,7 +1,7 @@
 """Conversation -> training rows: template, tokenization, loss mask, and the over-length rule.
 
 Pure Python + ``tokenizers`` (no Ray): the Ray Data pipeline in :mod:`chatray.data.prepare` maps
-:func:`encode_batch` over batches of conversations.
+:func:`encode_rendered` over blocks of rendered conversations.
 
 Loss mask: a token carries loss when its first character lies inside an assistant span (the assistant's
 content and its EOS); every other position gets ``labels = -100``. With ``train_on_all`` every token
@@ -23,7 +23,7 @@ import numpy as np
 
 from chatray.data.tokenizer import render_chat
 
-__all__ = ["IGNORE_INDEX", "EncodeStats", "encode_batch", "encode_conversation"]
+__all__ = ["IGNORE_INDEX", "EncodeStats", "EncodedRows", "encode_batch", "encode_rendered"]
 
 IGNORE_INDEX = -100
 
@@ -70,65 +70,117 @@ def _windows(msg_tok_starts: np.ndarray, n_tokens: int, max_length: int) -> tupl
     return windows, truncated
 
 
-def encode_conversation(ids: np.ndarray, offsets: np.ndarray, spans: list[tuple[int, int]], starts: list[int],
-                        max_length: int, stats: EncodeStats) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Labels and windows for one already-tokenized conversation.
+def _first_token_at(enc: Any, pos: int, n_chars: int, n_tokens: int) -> int:
+    """Index of the first token of ``enc`` whose first character is at or after ``pos`` (``n_tokens`` if none).
+
+    Asks the Rust ``Encoding`` about a few tokens around ``pos`` instead of copying every token's offsets into
+    Python (the offsets copy cost more than the tokenization itself).
+    """
+    if pos >= n_chars:
+        return n_tokens
+    k = enc.char_to_token(pos)
+    if k is None:  # a character no token claims: binary search on token starts
+        lo, hi = 0, n_tokens
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if enc.token_to_chars(mid)[0] < pos:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
+    while k > 0 and enc.token_to_chars(k - 1)[0] >= pos:
+        k -= 1
+    while k < n_tokens and enc.token_to_chars(k)[0] < pos:
+        k += 1
+    return k
+
+
+@dataclass
+class EncodedRows:
+    """Rows of a batch as flat buffers: row ``i`` is ``ids[offsets[i]:offsets[i + 1]]`` (same for labels)."""
+
+    ids: np.ndarray  # int32, all rows concatenated
+    labels: np.ndarray  # int32, IGNORE_INDEX where no loss
+    offsets: np.ndarray  # int64, len(rows) + 1
+    stats: EncodeStats
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets).astype(np.int32)
+
+    def rows(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        o = self.offsets
+        return ([self.ids[o[i]:o[i + 1]] for i in range(len(o) - 1)],
+                [self.labels[o[i]:o[i + 1]] for i in range(len(o) - 1)])
+
+
+def encode_rendered(backend: Any, texts: list[str], spans: list[list[tuple[int, int]]], starts: list[list[int]],
+                    max_length: int) -> EncodedRows:
+    """Tokenize rendered conversations (one Rust ``encode_batch`` call) into training rows.
 
     Args:
-        ids: (T,) token ids of the rendered conversation.
-        offsets: (T, 2) character offsets of each token.
-        spans: loss-bearing character spans from :func:`render_chat`.
-        starts: character offset of each message.
+        backend: a ``tokenizers.Tokenizer``.
+        texts: rendered conversations (:func:`chatray.data.tokenizer.render_chat`).
+        spans: per conversation, the ``[start, end)`` character spans whose tokens carry loss.
+        starts: per conversation, the character offset of each message (split points for over-long ones).
         max_length: the context length rows must fit.
-        stats: updated in place.
-
-    Returns:
-        A list of (input_ids, labels) int32 arrays, each at most ``max_length`` long.
     """
-    tok_start = offsets[:, 0]
-    loss = np.zeros(len(ids), dtype=bool)
-    for a, b in spans:
-        loss |= (tok_start >= a) & (tok_start < b)
-    labels = np.where(loss, ids, IGNORE_INDEX).astype(np.int32)
-    ids = ids.astype(np.int32)
-    stats.conversations += 1
-    if len(ids) <= max_length:
-        pieces = [(0, len(ids))]
-    else:
-        msg_tok = np.searchsorted(tok_start, np.asarray(starts), side="left")
-        pieces, truncated = _windows(msg_tok, len(ids), max_length)
+    from itertools import chain
+
+    encs = backend.encode_batch(texts, add_special_tokens=False)
+    n_tok = np.fromiter((len(e) for e in encs), dtype=np.int64, count=len(encs))
+    conv_off = np.zeros(len(encs) + 1, dtype=np.int64)
+    np.cumsum(n_tok, out=conv_off[1:])
+    ids = np.array(list(chain.from_iterable(e.ids for e in encs)), dtype=np.int32).reshape(-1)
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+    stats = EncodeStats(conversations=len(encs))
+    cuts: list[int] = []  # row boundaries, in flat positions: [s0, e0, s1, e1, ...]
+    for i, enc in enumerate(encs):
+        o, n, n_chars = int(conv_off[i]), int(n_tok[i]), len(texts[i])
+        for a, b in spans[i]:
+            ta = _first_token_at(enc, a, n_chars, n)
+            tb = _first_token_at(enc, b, n_chars, n)
+            labels[o + ta:o + tb] = ids[o + ta:o + tb]
+        if n <= max_length:
+            cuts += (o, o + n)
+            continue
+        msg_tok = np.array([_first_token_at(enc, s, n_chars, n) for s in starts[i]], dtype=np.int64)
+        pieces, truncated = _windows(msg_tok, n, max_length)
         stats.split_conversations += 1
         stats.truncated_messages += truncated
-    out = []
-    for a, b in pieces:
-        lab = labels[a:b]
-        n_loss = int((lab != IGNORE_INDEX).sum())
-        if n_loss == 0:
-            stats.dropped_windows += 1
-            continue
-        out.append((ids[a:b], lab))
-        stats.rows += 1
-        stats.tokens += int(b - a)
-        stats.loss_tokens += n_loss
-    return out
+        for a, b in pieces:
+            cuts += (o + a, o + b)
+    cut = np.array(cuts, dtype=np.int64).reshape(-1, 2)
+    loss_cs = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(labels != IGNORE_INDEX, out=loss_cs[1:])
+    n_loss = loss_cs[cut[:, 1]] - loss_cs[cut[:, 0]]
+    keep_rows = n_loss > 0  # a window without any loss-bearing token teaches nothing: dropped, counted
+    stats.dropped_windows = int((~keep_rows).sum())
+    cut = cut[keep_rows]
+    lengths = cut[:, 1] - cut[:, 0]
+    if len(cut) != len(encs) or len(ids) != int(lengths.sum()):  # some rows are windows: gather them
+        keep = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.add.at(keep, cut[:, 0], 1)
+        np.add.at(keep, cut[:, 1], -1)
+        mask = np.cumsum(keep[:-1]) > 0
+        ids, labels = ids[mask], labels[mask]
+    offsets = np.zeros(len(cut) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    stats.rows = len(cut)
+    stats.tokens = int(offsets[-1])
+    stats.loss_tokens = int(n_loss[keep_rows].sum())
+    return EncodedRows(ids, labels, offsets, stats)
 
 
 def encode_batch(backend: Any, conversations: list[list[dict[str, str]]], max_length: int,
                  train_on_all: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], EncodeStats]:
-    """Tokenize a batch of conversations with a ``tokenizers.Tokenizer`` (one Rust ``encode_batch`` call).
+    """Render and tokenize a batch of conversations (message lists); see :func:`encode_rendered`.
 
     Returns:
         (input_ids rows, labels rows, stats).
     """
     rendered = [render_chat(m, train_on_all=train_on_all) for m in conversations]
-    encs = backend.encode_batch([r[0] for r in rendered], add_special_tokens=False)
-    stats = EncodeStats()
-    ids_out: list[np.ndarray] = []
-    lab_out: list[np.ndarray] = []
-    for (_, spans, starts), enc in zip(rendered, encs):
-        ids = np.array(enc.ids, dtype=np.int32)
-        offsets = np.array(enc.offsets, dtype=np.int64).reshape(-1, 2)
-        for i, lab in encode_conversation(ids, offsets, spans, starts, max_length, stats):
-            ids_out.append(i)
-            lab_out.append(lab)
-    return ids_out, lab_out, stats
+    out = encode_rendered(backend, [r[0] for r in rendered], [r[1] for r in rendered], [r[2] for r in rendered],
+                          max_length)
+    ids, labels = out.rows()
+    return ids, labels, out.stats

@@ -15,6 +15,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -31,7 +32,8 @@ from chatray.storage.uri import exists, filesystem_for, is_remote, join
 
 __all__ = ["DEMO_INPUTS", "prepare_dataset"]
 
-_STATS_SPLIT = -1  # sentinel rows that carry a batch's counts back to the driver
+ROWS_PER_SHARD_AUTO = 50_000  # conversations per train shard above which --shards auto adds shards
+_BACKGROUND_RAY_BYTES = 4 << 20  # inputs at least this big are read while Ray starts in the background
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -55,70 +57,68 @@ def _backend(tokenizer_json: str) -> Any:
     return _BACKENDS[key]
 
 
-class _Tokenize:
-    """Encodes one batch of conversations (a Ray Data task; the tokenizer is cached per worker)."""
+def _shard_schema() -> Any:
+    import pyarrow as pa
 
-    def __init__(self, tokenizer_json: str, max_length: int, train_on_all: bool) -> None:
-        self.backend = _backend(tokenizer_json)
-        self.max_length = max_length
-        self.train_on_all = train_on_all
-
-    def __call__(self, batch: Any) -> Any:
-        import numpy as np
-        import pyarrow as pa
-
-        from chatray.data.encode import encode_batch
-
-        convs = batch.column("conv").to_pylist()
-        splits = batch.column("split").to_pylist()
-        ids_rows: list = []
-        lab_rows: list = []
-        split_rows: list[int] = []
-        total = EncodeStats()
-        for split in (0, 1):
-            sel = [json.loads(c) for c, s in zip(convs, splits) if s == split]
-            if not sel:
-                continue
-            ids, labs, st = encode_batch(self.backend, sel, self.max_length, self.train_on_all)
-            ids_rows += ids
-            lab_rows += labs
-            split_rows += [split] * len(ids)
-            total.add(st)
-        counts = [total.conversations, total.split_conversations, total.truncated_messages, total.dropped_windows]
-        n = len(ids_rows)
-        # Build list<int32> columns from one flat buffer (no per-token Python objects); a last sentinel row
-        # (split = -1, empty lists) carries this batch's counts back to the driver.
-        lengths = np.fromiter((len(r) for r in ids_rows), dtype=np.int32, count=n)
-        offsets = np.zeros(n + 2, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1 : n + 1])
-        offsets[n + 1] = offsets[n]
-        flat_ids = np.concatenate(ids_rows).astype(np.int32) if n else np.zeros(0, np.int32)
-        flat_lab = np.concatenate(lab_rows).astype(np.int32) if n else np.zeros(0, np.int32)
-        zeros = np.zeros(n + 1, dtype=np.int64)
-
-        def stat(v: int) -> Any:
-            col = zeros.copy()
-            col[-1] = v
-            return pa.array(col)
-
-        return pa.table({
-            "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids)),
-            "labels": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_lab)),
-            "length": pa.array(np.append(lengths, 0).astype(np.int32)),
-            "split": pa.array(np.array(split_rows + [_STATS_SPLIT], dtype=np.int8)),
-            "stat_conversations": stat(counts[0]),
-            "stat_split": stat(counts[1]),
-            "stat_truncated": stat(counts[2]),
-            "stat_dropped": stat(counts[3]),
-        })
+    return pa.schema([("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+                      ("length", pa.int32())])
 
 
-def _tokenize_batch(batch: Any, tokenizer_json: Any, max_length: int, train_on_all: bool) -> Any:
+def _encode_shards(batch: Any, tokenizer_json: Any, max_length: int, chunk: int) -> Any:
+    """Ray Data ``map_batches`` function: tokenize each shard in ``batch`` into a finished Parquet file.
+
+    Rows hold rendered conversations (``text``, flat ``spans`` pairs, ``starts``) with their ``split`` and
+    ``shard``; the driver makes one block per shard, so a batch is normally one shard. Work happens ``chunk``
+    conversations at a time (one Parquet row group each) so that memory stays bounded; each zstd-compressed file
+    comes back as bytes with its shard's counts, and the driver only writes it.
+    """
+    import pyarrow as pa
+
     if not isinstance(tokenizer_json, str):  # an ObjectRef passed through fn_kwargs
         import ray
 
         tokenizer_json = ray.get(tokenizer_json)
-    return _Tokenize(tokenizer_json, max_length, train_on_all)(batch)
+    backend = _backend(tokenizer_json)
+    keys = list(zip(batch.column("split").to_pylist(), batch.column("shard").to_pylist()))
+    rows = []
+    lo = 0
+    while lo < len(keys):
+        hi = lo
+        while hi < len(keys) and keys[hi] == keys[lo]:
+            hi += 1
+        data, st = _encode_shard(backend, batch.slice(lo, hi - lo), max_length, chunk)
+        rows.append({"split": keys[lo][0], "shard": keys[lo][1], "parquet": data, "conversations": st.conversations,
+                     "rows": st.rows, "tokens": st.tokens, "loss_tokens": st.loss_tokens,
+                     "split_conversations": st.split_conversations, "truncated_messages": st.truncated_messages,
+                     "dropped_windows": st.dropped_windows})
+        lo = hi
+    return pa.Table.from_pylist(rows)
+
+
+def _encode_shard(backend: Any, block: Any, max_length: int, chunk: int) -> tuple[bytes, EncodeStats]:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from chatray.data.encode import encode_rendered
+
+    total = EncodeStats()
+    sink = pa.BufferOutputStream()
+    schema = _shard_schema()
+    with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+        for lo in range(0, block.num_rows, chunk):
+            part = block.slice(lo, chunk)
+            spans = [list(zip(f[::2], f[1::2])) for f in part.column("spans").to_pylist()]
+            enc = encode_rendered(backend, part.column("text").to_pylist(), spans, part.column("starts").to_pylist(),
+                                  max_length)
+            offsets = pa.array(enc.offsets.astype(np.int32))
+            writer.write_table(pa.table({
+                "input_ids": pa.ListArray.from_arrays(offsets, pa.array(enc.ids)),
+                "labels": pa.ListArray.from_arrays(offsets, pa.array(enc.labels)),
+                "length": pa.array(enc.lengths),
+            }, schema=schema))
+            total.add(enc.stats)
+    return sink.getvalue().to_pybytes(), total
 
 
 def _check_out(out: str, overwrite: bool) -> None:
@@ -142,34 +142,58 @@ def _ensure_ray(progress: bool) -> bool:
 
     if ray.is_initialized():
         return False
-    from ray.data import DataContext
+    import ray.data  # noqa: F401  (imported here so that a background start-up also warms Ray Data)
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ray.data.DataContext.get_current().enable_progress_bars = progress
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
              include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
              configure_logging=True, logging_level="WARNING")
     return True
 
 
-def _write_shards(tables: list[Any], folder: Path, shards: int) -> list[str]:
-    import pyarrow as pa
+class _Background:
+    """Runs ``fn`` in a daemon thread; :meth:`result` joins it and returns its value or re-raises its error.
+
+    ``data prepare`` reads big inputs here while the main thread starts Ray (several Python processes, seconds
+    on a small machine): Ray must start in the main thread, because its processes are tied to the lifetime of
+    the thread that spawns them (PR_SET_PDEATHSIG).
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="chatray-prepare-read", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # re-raised in result()
+            self._error = e
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def _empty_shard(path: Path) -> None:
     import pyarrow.parquet as pq
 
-    folder.mkdir(parents=True, exist_ok=True)
-    table = pa.concat_tables(tables) if tables else None
-    n = table.num_rows if table is not None else 0
-    shards = max(1, min(shards, n)) if n else 1
-    names = []
-    per = math.ceil(n / shards) if n else 0
-    for i in range(shards):
-        part = table.slice(i * per, per) if table is not None else pa.table({
-            "input_ids": pa.array([], pa.list_(pa.int32())), "labels": pa.array([], pa.list_(pa.int32())),
-            "length": pa.array([], pa.int32())})
-        name = f"part-{i:05d}.parquet"
-        pq.write_table(part, folder / name, compression="zstd")
-        names.append(f"{folder.name}/{name}")
-    return names
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(_shard_schema().empty_table(), path, compression="zstd")
+
+
+def _input_bytes(inputs: list[str]) -> int:
+    total = 0
+    for raw in inputs:
+        p = Path(raw).expanduser()
+        if p.is_file():
+            total += p.stat().st_size
+        elif p.is_dir():
+            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return total
 
 
 def _publish(staging: Path, out: str, overwrite: bool) -> None:
@@ -209,7 +233,7 @@ def prepare_dataset(
     tokenizer: str = "train:8000",
     max_length: int = 512,
     eval_fraction: float = 0.05,
-    shards: int = 2,
+    shards: int | None = None,
     seed: int = 0,
     overwrite: bool = False,
     skip_invalid: bool = False,
@@ -227,13 +251,14 @@ def prepare_dataset(
         tokenizer: ``train[:VOCAB]``, ``gpt2``, a hub id or a local tokenizer/model folder.
         max_length: the context length (tokens) of each row; see :mod:`chatray.data.encode` for the split rule.
         eval_fraction: share of conversations held out for evaluation (at least one when > 0).
-        shards: Parquet files per split.
+        shards: Parquet files in the train split, each tokenized by one Ray Data task (default: one per cluster
+            CPU, plus one per 50,000 conversations beyond that).
         seed: shuffle seed; the same inputs and seed give the same dataset.
         overwrite: replace an existing dataset at ``out``.
         skip_invalid: skip and count bad records instead of failing on the first.
         train_on_all: every token carries loss (default: assistant tokens only).
-        num_workers: tokenizer actors (default: the cluster's CPUs).
-        batch_size: conversations per tokenization batch.
+        num_workers: concurrent tokenizer tasks (default: the cluster's CPUs).
+        batch_size: conversations per tokenizer call and Parquet row group.
         progress: print progress to stderr.
 
     Returns:
@@ -248,97 +273,127 @@ def prepare_dataset(
         raise ChatrayError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     if max_length < 8:
         raise ChatrayError(f"--max-length must be at least 8, got {max_length}")
-    if shards < 1:
+    if shards is not None and shards < 1:
         raise ChatrayError(f"--shards must be at least 1, got {shards}")
+    if num_workers is not None and num_workers < 1:
+        raise ChatrayError(f"--num-workers must be at least 1, got {num_workers}")
     inputs = list(inputs) or list(DEMO_INPUTS)
     _check_out(out, overwrite)
     t0 = time.perf_counter()
-
     errors: list[str] = []
-    convs, sources = iter_conversations(inputs, fmt, skip_invalid=skip_invalid, errors=errors)
-    skipped = sum(s.skipped for s in sources)
-    _say(progress, f"read {len(convs)} conversations from {len(sources)} files"
-         + (f" ({skipped} invalid records skipped)" if skipped else ""))
 
-    t_tok = time.perf_counter()
-    tok = load_tokenizer_spec(tokenizer, (render_chat(c.messages)[0] for c in convs), max_length=max_length)
-    _say(progress, f"tokenizer {tokenizer}: vocab {len(tok)} ({time.perf_counter() - t_tok:.1f}s)")
+    def load() -> tuple[Any, ...]:
+        """Read + validate, split, shuffle, render, and train or load the tokenizer (driver side)."""
+        convs, sources = iter_conversations(inputs, fmt, skip_invalid=skip_invalid, errors=errors)
+        skipped = sum(s.skipped for s in sources)
+        _say(progress, f"read {len(convs):,} conversations from {len(sources)} files"
+             + (f" ({skipped} invalid records skipped)" if skipped else ""))
+        n_eval = 0 if eval_fraction == 0 else max(1, round(eval_fraction * len(convs)))
+        if n_eval >= len(convs):
+            raise ChatrayError(f"only {len(convs)} conversations: too few for an eval split of {eval_fraction}",
+                               hint="add data or pass --eval-fraction 0")
+        order = list(range(len(convs)))
+        random.Random(seed).shuffle(order)
+        rendered = [render_chat(convs[i].messages, train_on_all=train_on_all) for i in order]
+        t_tok = time.perf_counter()
+        tok = load_tokenizer_spec(tokenizer, (r[0] for r in rendered), max_length=max_length)
+        _say(progress, f"tokenizer {tokenizer}: vocab {len(tok)} ({time.perf_counter() - t_tok:.1f}s)")
+        return sources, skipped, n_eval, rendered, tok
 
-    order = list(range(len(convs)))
-    random.Random(seed).shuffle(order)
-    n_eval = 0 if eval_fraction == 0 else max(1, round(eval_fraction * len(convs)))
-    if n_eval >= len(convs):
-        raise ChatrayError(f"only {len(convs)} conversations: too few for an eval split of {eval_fraction}",
-                           hint="add data or pass --eval-fraction 0")
+    import ray
 
-    import pyarrow as pa
-
-    conv_col = [json.dumps(convs[i].messages, ensure_ascii=False) for i in order]
-    split_col = [1 if k < n_eval else 0 for k in range(len(order))]
-    table = pa.table({"conv": pa.array(conv_col, pa.string()), "split": pa.array(split_col, pa.int8())})
-
-    started_ray = _ensure_ray(progress)
-    tmp_root = Path(tempfile.mkdtemp(prefix="chatray-prepare-"))
-    if not is_remote(out):
-        dest = Path(out).expanduser()
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-    else:
-        staging = tmp_root / "dataset"
-        staging.mkdir()
+    # Big inputs are read in the background while Ray starts; small ones first, so a bad file fails at once.
+    reader = _Background(load) if _input_bytes(inputs) >= _BACKGROUND_RAY_BYTES else None
+    loaded = None if reader else load()
+    t_ray = time.perf_counter()
+    started_ray = False
+    tmp_root: Path | None = None
+    staging: Path | None = None
     try:
-        import ray
+        started_ray = _ensure_ray(progress)
+        ray_s = time.perf_counter() - t_ray
+        if started_ray:
+            _say(progress, f"started a local Ray ({ray_s:.1f}s)")
+        sources, skipped, n_eval, rendered, tok = reader.result() if reader else loaded
+        loaded = None
 
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        workers = max(1, num_workers or cpus)
-        n_blocks = max(workers, math.ceil(table.num_rows / batch_size))
-        per = math.ceil(table.num_rows / n_blocks)
-        blocks = [table.slice(i * per, per) for i in range(n_blocks) if i * per < table.num_rows]
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # deterministic output for a given seed
-        ctx.enable_progress_bars = progress
+        import pyarrow as pa
+
+        blocks_by_split = {"eval": rendered[:n_eval], "train": rendered[n_eval:]}
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        workers = num_workers or cpus
+        n_train = len(blocks_by_split["train"])
+        shards = shards or max(cpus, math.ceil(n_train / ROWS_PER_SHARD_AUTO))
+        shards = max(1, min(shards, n_train))
+        eval_shards = max(1, min(shards, 2, n_eval))
+        blocks = []
+        for split, n_shards in (("train", shards), ("eval", eval_shards if n_eval else 0)):
+            items = blocks_by_split[split]
+            per = math.ceil(len(items) / n_shards) if n_shards else 0
+            for k in range(n_shards):
+                part = items[k * per:(k + 1) * per]
+                blocks.append(pa.table({
+                    "text": pa.array([r[0] for r in part], pa.large_string()),
+                    "spans": pa.array([[x for sp in r[1] for x in sp] for r in part], pa.list_(pa.int32())),
+                    "starts": pa.array([r[2] for r in part], pa.list_(pa.int32())),
+                    "split": pa.array([split] * len(part), pa.string()),
+                    "shard": pa.array([k] * len(part), pa.int32()),
+                }))
+        del rendered, blocks_by_split
+
+        tmp_root = Path(tempfile.mkdtemp(prefix="chatray-prepare-"))
+        if not is_remote(out):
+            dest = Path(out).expanduser()
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staging = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+            staging.mkdir()
+        else:
+            staging = tmp_root / "dataset"
+            staging.mkdir()
+
         tok_ref = ray.put(tok.backend_tokenizer.to_str())
         ds = ray.data.from_arrow(blocks).map_batches(
-            _tokenize_batch,
-            fn_kwargs={"tokenizer_json": tok_ref, "max_length": max_length, "train_on_all": train_on_all},
-            batch_size=batch_size, batch_format="pyarrow", num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers),
+            _encode_shards, fn_kwargs={"tokenizer_json": tok_ref, "max_length": max_length, "chunk": batch_size},
+            batch_size=None, batch_format="pyarrow", num_cpus=1,
+            compute=ray.data.TaskPoolStrategy(size=min(workers, len(blocks))),
         )
+        _say(progress, f"tokenizing {n_train:,} train + {n_eval:,} eval conversations into {len(blocks)} shards, "
+             f"{min(workers, len(blocks))} Ray Data tasks at a time")
         t_enc = time.perf_counter()
-        parts: dict[int, list] = {0: [], 1: []}
         stats = EncodeStats()
-        last = t_enc
+        split_info: dict[str, Any] = {
+            name: {"rows": 0, "tokens": 0, "loss_tokens": 0, "files": [],
+                   "conversations": n_train if name == "train" else n_eval}
+            for name in ("train", "eval")}
+        done = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            split = batch.column("split").to_numpy()
-            stat_rows = batch.filter(pa.compute.equal(batch.column("split"), _STATS_SPLIT))
-            for k, attr in (("stat_conversations", "conversations"), ("stat_split", "split_conversations"),
-                            ("stat_truncated", "truncated_messages"), ("stat_dropped", "dropped_windows")):
-                setattr(stats, attr, getattr(stats, attr) + int(pa.compute.sum(stat_rows.column(k)).as_py() or 0))
-            for s in (0, 1):
-                rows = batch.filter(pa.array(split == s)).select(["input_ids", "labels", "length"])
-                if rows.num_rows:
-                    parts[s].append(rows)
-                    stats.rows += rows.num_rows
-                    stats.tokens += int(pa.compute.sum(rows.column("length")).as_py() or 0)
-            now = time.perf_counter()
-            if now - last > 2:
-                last = now
-                el = now - t_enc
-                _say(progress, f"tokenized {stats.conversations}/{len(convs)} conversations, {stats.tokens:,} tokens "
+            for r in batch.to_pylist():
+                name = f"{r['split']}/part-{r['shard']:05d}.parquet"
+                if (staging / name).exists():
+                    raise ChatrayError(f"internal error: shard {name} came back twice from Ray Data")
+                (staging / r["split"]).mkdir(exist_ok=True)
+                (staging / name).write_bytes(r["parquet"])
+                info = split_info[r["split"]]
+                info["files"].append(name)
+                for k in ("rows", "tokens", "loss_tokens"):
+                    info[k] += r[k]
+                stats.add(EncodeStats(**{k: r[k] for k in ("conversations", "rows", "tokens", "loss_tokens",
+                                                           "split_conversations", "truncated_messages",
+                                                           "dropped_windows")}))
+                done += 1
+                el = max(time.perf_counter() - t_enc, 1e-9)
+                _say(progress, f"shard {done}/{len(blocks)} written ({name}): {stats.conversations:,}/"
+                     f"{n_train + n_eval:,} conversations, {stats.tokens:,} tokens "
                      f"({stats.conversations / el:,.0f} conv/s, {stats.tokens / el:,.0f} tokens/s)")
         enc_s = time.perf_counter() - t_enc
-
-        split_info: dict[str, Any] = {}
-        for s, name in ((0, "train"), (1, "eval")):
-            files = _write_shards(parts[s], staging / name, shards if name == "train" else max(1, min(shards, 2)))
-            rows = sum(t.num_rows for t in parts[s])
-            tokens = sum(int(pa.compute.sum(t.column("length")).as_py() or 0) for t in parts[s])
-            loss = 0
-            for t in parts[s]:
-                flat = pa.compute.list_flatten(t.column("labels"))
-                loss += int(pa.compute.sum(pa.compute.not_equal(flat, -100).cast(pa.int64())).as_py() or 0)
-            split_info[name] = {"rows": rows, "tokens": tokens, "loss_tokens": loss, "files": files,
-                                "conversations": len(convs) - n_eval if s == 0 else n_eval}
+        if done != len(blocks) or stats.conversations != n_train + n_eval:
+            raise ChatrayError(f"internal error: tokenization returned {done} of {len(blocks)} shards, "
+                               f"{stats.conversations} of {n_train + n_eval} conversations; nothing was published")
+        if not n_eval:
+            _empty_shard(staging / "eval" / "part-00000.parquet")
+            split_info["eval"]["files"] = ["eval/part-00000.parquet"]
+        for info in split_info.values():
+            info["files"].sort()
         tok.save_pretrained(str(staging / "tokenizer"))
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
@@ -352,7 +407,7 @@ def prepare_dataset(
             "chat_template": CHAT_TEMPLATE,
             "splits": split_info,
             "counts": {
-                "conversations": len(convs),
+                "conversations": n_train + n_eval,
                 "invalid_skipped": skipped,
                 "rows": stats.rows,
                 "tokens": stats.tokens,
@@ -366,19 +421,23 @@ def prepare_dataset(
                                 "are dropped (all counted here)",
             "sources": [vars(s) for s in sources],
             "invalid_examples": errors[:20],
-            "timing_s": {"encode": round(enc_s, 3), "total": None},
+            "timing_s": {"ray_start": round(ray_s, 3), "encode": round(enc_s, 3), "total": None},
         }
         manifest["timing_s"]["total"] = round(time.perf_counter() - t0, 3)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _publish(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        staging = None
     finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if tmp_root is not None:
+            shutil.rmtree(tmp_root, ignore_errors=True)
+        if reader is not None:
+            try:
+                reader.result()  # never leave the reader thread behind (its error, if any, is already raised)
+            except BaseException:
+                pass
         if started_ray:
-            import ray
-
             ray.shutdown()
     el = time.perf_counter() - t0
     _say(progress, f"wrote {out}: {stats.rows:,} rows, {stats.tokens:,} tokens "

@@ -148,3 +148,18 @@ def test_missing_pretrained_tokenizer_is_clear(tmp_path):
 
     with pytest.raises(ChatrayError, match="cannot load tokenizer"):
         load_pretrained_tokenizer(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("text", [render_chat(c)[0] for c in CONVS] + [
+    "emoji 🙂🙃 and 漢字 split into byte tokens, then  two  spaces\n\n\nand newlines",
+    "<|user|>\n \u00e9t\u00e9 caf\u00e9 \u0928\u092e\u0938\u094d\u0924\u0947<|endoftext|>\n",
+])
+def test_first_token_at_matches_full_offsets(tok, text):
+    """The mask asks the Rust Encoding about a few tokens per boundary; check it against every token's offsets."""
+    from chatray.data.encode import _first_token_at
+
+    enc = tok.backend_tokenizer.encode(text, add_special_tokens=False)
+    starts = np.array([o[0] for o in enc.offsets])
+    for pos in range(len(text) + 2):
+        want = int(np.searchsorted(starts, pos, side="left")) if pos < len(text) else len(enc.ids)
+        assert _first_token_at(enc, pos, len(text), len(enc.ids)) == want, (text, pos)
