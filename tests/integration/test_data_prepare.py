@@ -141,3 +141,21 @@ def test_big_inputs_read_while_ray_starts(tmp_path, ray_session, monkeypatch):
     with pytest.raises(ChatrayError, match="bad.jsonl:line 2: message 0: unknown role 'robot'"):
         prepare_dataset([str(bad)], str(tmp_path / "no"), tokenizer="train:300", max_length=32, progress=False)
     assert not (tmp_path / "no").exists() and not list(tmp_path.glob(".no.tmp-*"))
+
+
+def test_exact_shard_count_balanced_and_nothing_lost(tmp_path, ray_session):
+    recs = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(22)]
+    src = tmp_path / "d.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in recs))
+    m = prepare_dataset([str(src)], str(tmp_path / "o"), tokenizer="train:300", max_length=32, shards=5,
+                        eval_fraction=0.0, progress=False)
+    files = m["splits"]["train"]["files"]
+    assert files == [f"train/part-0000{i}.parquet" for i in range(5)]
+    sizes = [pq.read_metadata(tmp_path / "o" / f).num_rows for f in files]
+    assert sum(sizes) == 22 and min(sizes) >= 4  # 22 over 5 shards: 4 or 5 each, none empty
+    assert m["splits"]["eval"]["rows"] == 0
+    assert pq.read_table(tmp_path / "o" / "eval" / "part-00000.parquet").num_rows == 0
+    tok = load_tokenizer(str(tmp_path / "o"))
+    got = sorted(tok.decode(r["input_ids"]) for f in files for r in pq.read_table(tmp_path / "o" / f).to_pylist())
+    assert got == sorted(f"<|user|>\nquestion {i}\n<|assistant|>\na{i}<|endoftext|>\n" for i in range(22))

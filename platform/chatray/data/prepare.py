@@ -329,9 +329,8 @@ def prepare_dataset(
         blocks = []
         for split, n_shards in (("train", shards), ("eval", eval_shards if n_eval else 0)):
             items = blocks_by_split[split]
-            per = math.ceil(len(items) / n_shards) if n_shards else 0
-            for k in range(n_shards):
-                part = items[k * per:(k + 1) * per]
+            for k in range(n_shards):  # balanced and never empty (n_shards <= len(items))
+                part = items[k * len(items) // n_shards:(k + 1) * len(items) // n_shards]
                 blocks.append(pa.table({
                     "text": pa.array([r[0] for r in part], pa.large_string()),
                     "spans": pa.array([[x for sp in r[1] for x in sp] for r in part], pa.list_(pa.int32())),

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -532,7 +532,8 @@ class AsyncEngine:
         self.engine = engine
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.step_delay_s = step_delay_s
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> (its event loop, its queue, text parts gathered here for whole-reply requests or None)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[str] | None]] = {}
         self._streams_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -547,9 +548,11 @@ class AsyncEngine:
         return self._thread.is_alive() and not self._stop.is_set()
 
     async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
-                     request_id: str | None = None) -> AsyncIterator[StepOutput]:
+                     request_id: str | None = None, *, whole: bool = False) -> AsyncIterator[StepOutput]:
         """Generate for one request, yielding a :class:`StepOutput` per step until one has finish_reason.
 
+        With ``whole``, the step loop gathers the text itself and yields only the final output, whose delta is
+        the whole reply: one hand-over between threads per request instead of one per token.
         Closing the iterator early (client gone, task cancelled) aborts the request in the engine.
 
         Raises:
@@ -559,7 +562,7 @@ class AsyncEngine:
         rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         queue: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
-            self._streams[rid] = (asyncio.get_running_loop(), queue)
+            self._streams[rid] = (asyncio.get_running_loop(), queue, [] if whole else None)
         finished = False
         try:
             self.engine.add_request(rid, prompt_ids, params)
@@ -584,13 +587,11 @@ class AsyncEngine:
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                        request_id: str | None = None) -> Completion:
         """Generate for one request and return the whole :class:`Completion`."""
-        parts: list[str] = []
-        agen = self.stream(prompt_ids, params, request_id)
+        agen = self.stream(prompt_ids, params, request_id, whole=True)
         try:
             async for out in agen:
-                parts.append(out.delta)
                 if out.finish_reason is not None:
-                    return Completion(out.request_id, "".join(parts), out.finish_reason, out.prompt_tokens,
+                    return Completion(out.request_id, out.delta, out.finish_reason, out.prompt_tokens,
                                       out.completion_tokens)
         finally:
             await agen.aclose()
@@ -612,7 +613,12 @@ class AsyncEngine:
             target = self._streams.get(rid)
         if target is None:
             return
-        loop, queue = target
+        loop, queue, parts = target
+        if parts is not None and isinstance(item, StepOutput):  # whole-reply request: hand over only the end
+            parts.append(item.delta)
+            if item.finish_reason is None:
+                return
+            item = replace(item, delta="".join(parts))
         try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:  # the request's event loop is closed: nobody is listening any more
