@@ -80,7 +80,7 @@ def main() -> None:
             out = work / f"out-w{w}"
             t1 = time.perf_counter()
             # prepare_dataset starts (and stops) its own local Ray, as `chatray data prepare` does: the timing
-            # includes Ray start-up, which prepare overlaps with reading big inputs.
+            # includes Ray start-up.
             m = prepare_dataset([str(corpus)], str(out), tokenizer=str(tokdir), max_length=args.max_length,
                                 shards=args.shards or w, num_workers=w, progress=False)
             total_s = time.perf_counter() - t1
@@ -89,7 +89,7 @@ def main() -> None:
             tps = tokens / total_s
             results.append((w, tps))
             print(f"prepare   workers={w} shards={m['counts']['shards']}: {tokens:,} tokens in {total_s:.1f}s "
-                  f"(Ray start-up {ray_s:.1f}s, overlapped with reading; Ray Data tokenization "
+                  f"(Ray start-up {ray_s:.1f}s; Ray Data tokenization "
                   f"{m['timing_s']['encode']:.1f}s) -> {tps:,.0f} tokens/s; ratio vs baseline {tps / base_tps:.2f} "
                   f"incl. Ray start-up, {tokens / m['timing_s']['encode'] / base_tps:.2f} for the Ray Data stage alone")
             shutil.rmtree(out, ignore_errors=True)

@@ -18,3 +18,15 @@ class ChatrayError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self) -> tuple:
+        # Subclasses take other constructor arguments: rebuild from the state, so errors cross process
+        # boundaries (a forked reader, a Ray task) with their message, hint and fields intact.
+        return _restore, (type(self), self.args, self.__dict__)
+
+
+def _restore(cls: type, args: tuple, state: dict) -> ChatrayError:
+    err = cls.__new__(cls)
+    err.args = args
+    err.__dict__.update(state)
+    return err

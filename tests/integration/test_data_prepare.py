@@ -125,24 +125,6 @@ def test_s3_output_and_read_back(s3_server, ray_session, tmp_path):
         prepare_dataset(["chatterbot:english"], uri, tokenizer="train:800", max_length=64, progress=False)
 
 
-def test_big_inputs_read_while_ray_starts(tmp_path, ray_session, monkeypatch):
-    """Inputs over the size threshold are read in a background thread; results and errors are the same."""
-    import chatray.data.prepare as prep
-
-    monkeypatch.setattr(prep, "_BACKGROUND_RAY_BYTES", 0)
-    rec = {"messages": [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "pong"}]}
-    src = tmp_path / "d.jsonl"
-    src.write_text("\n".join(json.dumps(rec) for _ in range(40)))
-    m = prepare_dataset([str(src)], str(tmp_path / "ok"), tokenizer="train:300", max_length=32, progress=False)
-    assert m["counts"]["conversations"] == 40 and m["counts"]["shards"] == 2  # default: one per CPU
-    assert len(m["splits"]["train"]["files"]) == 2
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(rec) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
-    with pytest.raises(ChatrayError, match="bad.jsonl:line 2: message 0: unknown role 'robot'"):
-        prepare_dataset([str(bad)], str(tmp_path / "no"), tokenizer="train:300", max_length=32, progress=False)
-    assert not (tmp_path / "no").exists() and not list(tmp_path.glob(".no.tmp-*"))
-
-
 def test_exact_shard_count_balanced_and_nothing_lost(tmp_path, ray_session):
     recs = [{"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"a{i}"}]}
             for i in range(22)]

@@ -15,9 +15,9 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ from chatray.storage.uri import exists, filesystem_for, is_remote, join
 __all__ = ["DEMO_INPUTS", "prepare_dataset"]
 
 ROWS_PER_SHARD_AUTO = 50_000  # conversations per train shard above which --shards auto adds shards
-_BACKGROUND_RAY_BYTES = 4 << 20  # inputs at least this big are read while Ray starts in the background
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -142,7 +141,7 @@ def _ensure_ray(progress: bool) -> bool:
 
     if ray.is_initialized():
         return False
-    import ray.data  # noqa: F401  (imported here so that a background start-up also warms Ray Data)
+    import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
@@ -151,31 +150,45 @@ def _ensure_ray(progress: bool) -> bool:
     return True
 
 
-class _Background:
-    """Runs ``fn`` in a daemon thread; :meth:`result` joins it and returns its value or re-raises its error.
+@dataclass
+class _Inputs:
+    """The driver-side result of reading: conversations rendered, shuffled and split (eval rows first)."""
 
-    ``data prepare`` reads big inputs here while the main thread starts Ray (several Python processes, seconds
-    on a small machine): Ray must start in the main thread, because its processes are tied to the lifetime of
-    the thread that spawns them (PR_SET_PDEATHSIG).
-    """
+    sources: list[Any]
+    skipped: int
+    errors: list[str]
+    n_eval: int
+    table: Any  # pyarrow Table: text large_string, spans list<int32> (flat [start, end) pairs), starts list<int32>
+    tokenizer: Any
 
-    def __init__(self, fn: Any) -> None:
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="chatray-prepare-read", daemon=True)
-        self._thread.start()
 
-    def _run(self, fn: Any) -> None:
-        try:
-            self._value = fn()
-        except BaseException as e:  # re-raised in result()
-            self._error = e
+def _read_inputs(inputs: list[str], fmt: str, skip_invalid: bool, eval_fraction: float, seed: int,
+                 train_on_all: bool, tokenizer: str, max_length: int, progress: bool) -> _Inputs:
+    """Read + validate, shuffle, split, render the chat template, and train or load the tokenizer."""
+    import pyarrow as pa
 
-    def result(self) -> Any:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
+    errors: list[str] = []
+    convs, sources = iter_conversations(inputs, fmt, skip_invalid=skip_invalid, errors=errors)
+    skipped = sum(s.skipped for s in sources)
+    _say(progress, f"read {len(convs):,} conversations from {len(sources)} files"
+         + (f" ({skipped} invalid records skipped)" if skipped else ""))
+    n_eval = 0 if eval_fraction == 0 else max(1, round(eval_fraction * len(convs)))
+    if n_eval >= len(convs):
+        raise ChatrayError(f"only {len(convs)} conversations: too few for an eval split of {eval_fraction}",
+                           hint="add data or pass --eval-fraction 0")
+    order = list(range(len(convs)))
+    random.Random(seed).shuffle(order)
+    rendered = [render_chat(convs[i].messages, train_on_all=train_on_all) for i in order]
+    del convs
+    t_tok = time.perf_counter()
+    tok = load_tokenizer_spec(tokenizer, (r[0] for r in rendered), max_length=max_length)
+    _say(progress, f"tokenizer {tokenizer}: vocab {len(tok)} ({time.perf_counter() - t_tok:.1f}s)")
+    table = pa.table({
+        "text": pa.array([r[0] for r in rendered], pa.large_string()),
+        "spans": pa.array([[x for sp in r[1] for x in sp] for r in rendered], pa.list_(pa.int32())),
+        "starts": pa.array([r[2] for r in rendered], pa.list_(pa.int32())),
+    })
+    return _Inputs([vars(s) for s in sources], skipped, errors, n_eval, table, tok)
 
 
 def _empty_shard(path: Path) -> None:
@@ -183,17 +196,6 @@ def _empty_shard(path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(_shard_schema().empty_table(), path, compression="zstd")
-
-
-def _input_bytes(inputs: list[str]) -> int:
-    total = 0
-    for raw in inputs:
-        p = Path(raw).expanduser()
-        if p.is_file():
-            total += p.stat().st_size
-        elif p.is_dir():
-            total += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return total
 
 
 def _publish(staging: Path, out: str, overwrite: bool) -> None:
@@ -280,65 +282,39 @@ def prepare_dataset(
     inputs = list(inputs) or list(DEMO_INPUTS)
     _check_out(out, overwrite)
     t0 = time.perf_counter()
-    errors: list[str] = []
-
-    def load() -> tuple[Any, ...]:
-        """Read + validate, split, shuffle, render, and train or load the tokenizer (driver side)."""
-        convs, sources = iter_conversations(inputs, fmt, skip_invalid=skip_invalid, errors=errors)
-        skipped = sum(s.skipped for s in sources)
-        _say(progress, f"read {len(convs):,} conversations from {len(sources)} files"
-             + (f" ({skipped} invalid records skipped)" if skipped else ""))
-        n_eval = 0 if eval_fraction == 0 else max(1, round(eval_fraction * len(convs)))
-        if n_eval >= len(convs):
-            raise ChatrayError(f"only {len(convs)} conversations: too few for an eval split of {eval_fraction}",
-                               hint="add data or pass --eval-fraction 0")
-        order = list(range(len(convs)))
-        random.Random(seed).shuffle(order)
-        rendered = [render_chat(convs[i].messages, train_on_all=train_on_all) for i in order]
-        t_tok = time.perf_counter()
-        tok = load_tokenizer_spec(tokenizer, (r[0] for r in rendered), max_length=max_length)
-        _say(progress, f"tokenizer {tokenizer}: vocab {len(tok)} ({time.perf_counter() - t_tok:.1f}s)")
-        return sources, skipped, n_eval, rendered, tok
-
     import ray
 
-    # Big inputs are read in the background while Ray starts; small ones first, so a bad file fails at once.
-    reader = _Background(load) if _input_bytes(inputs) >= _BACKGROUND_RAY_BYTES else None
-    loaded = None if reader else load()
-    t_ray = time.perf_counter()
+    loaded = _read_inputs(inputs, fmt, skip_invalid, eval_fraction, seed, train_on_all, tokenizer, max_length,
+                          progress)
     started_ray = False
     tmp_root: Path | None = None
     staging: Path | None = None
     try:
+        t_ray = time.perf_counter()
         started_ray = _ensure_ray(progress)
         ray_s = time.perf_counter() - t_ray
         if started_ray:
             _say(progress, f"started a local Ray ({ray_s:.1f}s)")
-        sources, skipped, n_eval, rendered, tok = reader.result() if reader else loaded
-        loaded = None
-
+        tok, n_eval, sources, skipped, errors = (loaded.tokenizer, loaded.n_eval, loaded.sources, loaded.skipped,
+                                                 loaded.errors)
         import pyarrow as pa
 
-        blocks_by_split = {"eval": rendered[:n_eval], "train": rendered[n_eval:]}
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = num_workers or cpus
-        n_train = len(blocks_by_split["train"])
+        n_train = loaded.table.num_rows - n_eval
         shards = shards or max(cpus, math.ceil(n_train / ROWS_PER_SHARD_AUTO))
         shards = max(1, min(shards, n_train))
         eval_shards = max(1, min(shards, 2, n_eval))
         blocks = []
-        for split, n_shards in (("train", shards), ("eval", eval_shards if n_eval else 0)):
-            items = blocks_by_split[split]
-            for k in range(n_shards):  # balanced and never empty (n_shards <= len(items))
-                part = items[k * len(items) // n_shards:(k + 1) * len(items) // n_shards]
-                blocks.append(pa.table({
-                    "text": pa.array([r[0] for r in part], pa.large_string()),
-                    "spans": pa.array([[x for sp in r[1] for x in sp] for r in part], pa.list_(pa.int32())),
-                    "starts": pa.array([r[2] for r in part], pa.list_(pa.int32())),
-                    "split": pa.array([split] * len(part), pa.string()),
-                    "shard": pa.array([k] * len(part), pa.int32()),
-                }))
-        del rendered, blocks_by_split
+        for split, first, count, n_shards in (("train", n_eval, n_train, shards),
+                                              ("eval", 0, n_eval, eval_shards if n_eval else 0)):
+            for k in range(n_shards):  # balanced and never empty (n_shards <= count)
+                lo, hi = first + k * count // n_shards, first + (k + 1) * count // n_shards
+                block = loaded.table.take(pa.array(range(lo, hi), pa.int64()))  # a copy: a slice would ship
+                # the whole table's buffers to every task
+                blocks.append(block.append_column("split", pa.repeat(pa.scalar(split), hi - lo))
+                              .append_column("shard", pa.repeat(pa.scalar(k, pa.int32()), hi - lo)))
+        loaded.table = None
 
         tmp_root = Path(tempfile.mkdtemp(prefix="chatray-prepare-"))
         if not is_remote(out):
@@ -418,7 +394,7 @@ def prepare_dataset(
             "over_length_rule": "split at message boundaries into windows of whole messages; a single message "
                                 "longer than max_length is truncated to max_length; windows with no loss tokens "
                                 "are dropped (all counted here)",
-            "sources": [vars(s) for s in sources],
+            "sources": sources,
             "invalid_examples": errors[:20],
             "timing_s": {"ray_start": round(ray_s, 3), "encode": round(enc_s, 3), "total": None},
         }
@@ -431,11 +407,6 @@ def prepare_dataset(
             shutil.rmtree(staging, ignore_errors=True)
         if tmp_root is not None:
             shutil.rmtree(tmp_root, ignore_errors=True)
-        if reader is not None:
-            try:
-                reader.result()  # never leave the reader thread behind (its error, if any, is already raised)
-            except BaseException:
-                pass
         if started_ray:
             ray.shutdown()
     el = time.perf_counter() - t0

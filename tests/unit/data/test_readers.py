@@ -125,3 +125,13 @@ def test_explicit_format_mismatch_is_reported(tmp_path):
     f = _write(tmp_path / "a.jsonl", '{"conversations": [{"from": "human", "value": "x"}]}\n')
     with pytest.raises(DataError, match="expected an object with a 'messages' list"):
         read_file(f, "openai")
+
+
+def test_data_errors_cross_process_boundaries_intact():
+    """A DataError raised in a Ray task or a child process arrives with its message, location and hint."""
+    import pickle
+
+    err = DataError("dialogs.jsonl:line 7", "message 0: unknown role 'robot'")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is DataError and str(back) == str(err) == "dialogs.jsonl:line 7: message 0: unknown role 'robot'"
+    assert (back.where, back.reason, back.hint) == (err.where, err.reason, err.hint)
