@@ -32,38 +32,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))
+sys.path.insert(0, str(REPO / "tests"))  # support.checkpoints: the checkpoint builder the tests use
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 NEW_TOKENS = 32
 PROMPT = "hello, how are you? the quick brown fox jumps over the lazy dog and"
-
-
-def build_checkpoint(run: Path, size: str) -> Path:
-    """``run/checkpoint_00000001`` with metrics.json, as training writes it (served as ``<run>:best``)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from chatray.data.tokenizer import train_tokenizer
-
-    texts = ["<|user|>\nhello, how are you?\n<|assistant|>\nI am fine, thank you.<|endoftext|>\n",
-             "<|user|>\n你喜欢什么运动?\n<|assistant|>\n我喜欢游泳和跑步。<|endoftext|>\n",
-             "the quick brown fox jumps over the lazy dog"] * 30
-    tok = train_tokenizer(texts, 500, min_frequency=1)
-    ids = {"bos_token_id": tok.eos_token_id, "eos_token_id": tok.eos_token_id}
-    if size == "tiny":
-        cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tok), **ids)
-    else:  # GPT-2 124M shape: 12 layers, 768 wide, 1024 context, 50257-row vocabulary
-        cfg = GPT2Config(**ids)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(cfg)
-    folder = run / "checkpoint_00000001"
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    (folder / "metrics.json").write_text(json.dumps({"step": 1, "eval_loss": 1.0}))
-    return folder
 
 
 def in_process_engine(ckpt: Path, threads: int):
@@ -226,13 +201,12 @@ def main() -> None:
 
     import ray
     from ray import serve
-
-    sys.path.insert(0, str(REPO / "tests" / "integration"))
-    from serve_fixtures import free_port
+    from support.checkpoints import make_checkpoint
+    from support.ports import free_port
 
     work = Path(tempfile.mkdtemp(prefix="chatray-bench-"))
     sizes = ["tiny"] if args.quick else ["tiny", "gpt2-124m"]
-    ckpts = {s: build_checkpoint(work / s, s) for s in sizes}
+    ckpts = {s: make_checkpoint(work / s / "checkpoint_00000001", size=s) for s in sizes}
     ray.init(num_cpus=args.threads + 1, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     port = free_port()

@@ -13,15 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FAULT_STEP = 12  # a training worker of the e2e run exits at this step (once), see chatray.train.loop

@@ -2,54 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
-DIALOGUES = [
-    [{"role": "user", "content": "hello, how are you?"}, {"role": "assistant", "content": "I am fine, thank you."}],
-    [{"role": "user", "content": "你喜欢什么运动?"}, {"role": "assistant", "content": "我喜欢游泳和跑步。"}],
-    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is ray?"},
-     {"role": "assistant", "content": "a framework for distributed python."}],
-]
+from support.checkpoints import make_checkpoint as make_tiny_checkpoint
+from support.ports import free_port
 
-
-def make_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """A tiny HF checkpoint folder: trained BPE tokenizer (chat template) + random GPT-2, safetensors.
-
-    Pass ``<run>/checkpoint_00000001`` and a ``metrics.json`` is written too, so that ``<run>:best`` resolves
-    as it does for a training run.
-    """
-    import json
-
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from chatray.data.tokenizer import render_chat, train_tokenizer
-
-    texts = [render_chat(d)[0] for d in DIALOGUES] * 20 + ["the quick brown fox jumps over the lazy dog"] * 20
-    tok = train_tokenizer(texts, 400, min_frequency=1)
-    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128, vocab_size=len(tok),
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(cfg)
-    with torch.no_grad():  # larger weights: varied greedy output from a random model
-        for p in model.parameters():
-            p.mul_(4.0)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
-    tok.save_pretrained(folder)
-    (folder / "metrics.json").write_text(json.dumps({"step": 1, "train_loss": 5.0, "eval_loss": 5.0}))
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["Load", "free_port", "make_tiny_checkpoint", "wait_for"]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.25, what: str = "condition") -> None:

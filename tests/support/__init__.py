@@ -1,0 +1,1 @@
+"""Helpers shared by tests and benchmarks (importable as ``support``: pyproject's pytest ``pythonpath``)."""
