@@ -23,8 +23,8 @@ def data() -> None:
 @click.option("--max-length", default=512, show_default=True, type=int, help="Tokens per row (the context length).")
 @click.option("--eval-fraction", default=0.05, show_default=True, type=float, help="Share held out for eval.")
 @click.option("--shards", default=None, type=int,
-              help="Parquet files in the train split, one Ray Data task each (default: one per cluster CPU, "
-                   "more for inputs over 50,000 conversations per CPU).")
+              help="Parquet files in the train split, one Ray Data task each (default: a multiple of the "
+                   "cluster's CPUs, about 20,000 conversations or fewer per file).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Shuffle seed (same seed, same dataset).")
 @click.option("--skip-invalid", is_flag=True, help="Skip and count bad records instead of failing on the first.")
 @click.option("--train-on-all", is_flag=True, help="Put loss on every token, not only assistant turns.")

@@ -32,7 +32,7 @@ from chatray.storage.uri import exists, filesystem_for, is_remote, join
 
 __all__ = ["DEMO_INPUTS", "prepare_dataset"]
 
-ROWS_PER_SHARD_AUTO = 50_000  # conversations per train shard above which --shards auto adds shards
+SHARD_CONVERSATIONS = 20_000  # --shards default: about this many train conversations per shard (progress steps)
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -253,8 +253,8 @@ def prepare_dataset(
         tokenizer: ``train[:VOCAB]``, ``gpt2``, a hub id or a local tokenizer/model folder.
         max_length: the context length (tokens) of each row; see :mod:`chatray.data.encode` for the split rule.
         eval_fraction: share of conversations held out for evaluation (at least one when > 0).
-        shards: Parquet files in the train split, each tokenized by one Ray Data task (default: one per cluster
-            CPU, plus one per 50,000 conversations beyond that).
+        shards: Parquet files in the train split, each tokenized by one Ray Data task (default: a multiple of the
+            cluster's CPUs with about 20,000 conversations or fewer per shard; progress is reported per shard).
         seed: shuffle seed; the same inputs and seed give the same dataset.
         overwrite: replace an existing dataset at ``out``.
         skip_invalid: skip and count bad records instead of failing on the first.
@@ -302,7 +302,7 @@ def prepare_dataset(
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = num_workers or cpus
         n_train = loaded.table.num_rows - n_eval
-        shards = shards or max(cpus, math.ceil(n_train / ROWS_PER_SHARD_AUTO))
+        shards = shards or cpus * math.ceil(n_train / (cpus * SHARD_CONVERSATIONS))
         shards = max(1, min(shards, n_train))
         eval_shards = max(1, min(shards, 2, n_eval))
         blocks = []
