@@ -1,14 +1,12 @@
 """One `ray start --head` cluster on 127.0.0.1 for the e2e tests (token auth on), stopped at the end.
 
-e2e tests sort before integration tests (tests/e2e < tests/integration), so `ray stop` here never hits
-the in-process Ray of the integration tier.
+The teardown stops only this cluster's processes (those of its Ray temp dir, chatray.localcluster), never
+plain `ray stop`: a demo cluster, a notebook's ray.init() or another test run on the machine keep running.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -28,18 +26,19 @@ def ray_head(tmp_path_factory):
     os.environ["CHATRAY_HOME"] = str(home)  # the up/down state file of this cluster, not the user's
     cluster = LocalCluster(gcs_port=free_port(), dashboard_port=free_port(), agent_port=free_port())
     temp_dir = tempfile.mkdtemp(prefix="cr-e2e-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    cluster, started = start_local_cluster(
-        cluster, num_cpus=2, temp_dir=temp_dir,
-        # Workers inherit the raylet's environment: the fault-injection hook reaches the training workers.
-        extra_env={"CHATRAY_FAULT_AT_STEP": str(FAULT_STEP), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-    assert started, "a Ray cluster was already answering on the e2e ports"
-    env = ray_auth_env()
-    env["RAY_ADDRESS"] = cluster.dashboard_url
-    env.pop("CHATRAY_FAULT_AT_STEP", None)
     try:
+        cluster, started = start_local_cluster(
+            cluster, num_cpus=2, temp_dir=temp_dir,
+            # Workers inherit the raylet's environment: the fault-injection hook reaches the training workers.
+            extra_env={"CHATRAY_FAULT_AT_STEP": str(FAULT_STEP), "HF_HUB_OFFLINE": "1",
+                       "TOKENIZERS_PARALLELISM": "false"})
+        assert started, "a Ray cluster was already answering on the e2e ports"
+        env = ray_auth_env()
+        env["RAY_ADDRESS"] = cluster.dashboard_url
+        env.pop("CHATRAY_FAULT_AT_STEP", None)
         yield {"address": cluster.address, "dashboard": cluster.dashboard_url, "env": env, "home": home,
                "cluster": cluster, "fault_step": FAULT_STEP, "free_port": free_port}
     finally:
-        stop_local_cluster(force=True, cluster=cluster)
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+        # Only this cluster's processes (its temp dir), also when start failed half-way.
+        stop_local_cluster(force=True, cluster=cluster, grace_s=6.0)
         os.environ.pop("CHATRAY_HOME", None)

@@ -1,0 +1,206 @@
+"""chatray.localcluster without Ray: which processes belong to a local cluster, stopping exactly those, the state
+file, settings from the environment. Real processes (``sleep``, small Pythons) stand in for Ray's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.ports import free_port
+
+from chatray.errors import ChatrayError
+from chatray.localcluster import (
+    MARKER_ENV,
+    LocalCluster,
+    _psutil,
+    _record,
+    _state_file,
+    cluster_processes,
+    start_local_cluster,
+    stop_cluster_processes,
+    stop_local_cluster,
+)
+
+SLEEP = "import time; time.sleep(300)"
+
+
+@pytest.fixture
+def spawn() -> Iterator:
+    """spawn(args, marker=None, **popen_kwargs) -> Popen; every process is killed at the end."""
+    procs: list[subprocess.Popen] = []
+
+    def _spawn(args: list[str], marker: Path | None = None, **kw) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
+        if marker is not None:
+            env[MARKER_ENV] = str(marker)
+        p = subprocess.Popen(args, env=env, **kw)
+        procs.append(p)
+        return p
+
+    yield _spawn
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """CHATRAY_HOME in tmp_path (the state file) and a token in the environment (no ~/.ray/auth_token written)."""
+    monkeypatch.setenv("CHATRAY_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "test-token")
+    for name in ("RAY_AUTH_MODE", "CHATRAY_RAY_TEMP_DIR", "CHATRAY_RAY_PORT", "CHATRAY_DASHBOARD_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "home"
+
+
+def _running(pid: int) -> bool:
+    psutil = _psutil()
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _pids(procs) -> set[int]:
+    return {p.pid for p in procs}
+
+
+def _wait_until(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_stops_the_clusters_processes_and_their_children_and_nothing_else(tmp_path, spawn):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    # A's marked process with a child that lost the marker (Ray's workers rename themselves and their environ).
+    a_parent = spawn(["bash", "-c", f"env -u {MARKER_ENV} sleep 300 & echo $!; wait"], marker=a,
+                     stdout=subprocess.PIPE, text=True)
+    a_child = int(a_parent.stdout.readline())
+    # An unmarked Ray process of A, naming it as Ray does (--temp_dir=..., --session-dir=...).
+    a_flag = spawn([sys.executable, "-c", SLEEP, f"--session-dir={a}/session_2026-01-01_00-00-00_000000_1"])
+    b_marked = spawn(["sleep", "300"], marker=b)
+    # Names A, but not as Ray's dirs: someone tailing a log is not part of the cluster.
+    tail = spawn([sys.executable, "-c", SLEEP, f"--follow={a}/session_latest/logs/raylet.out", str(a)])
+    unmarked = spawn(["sleep", "300"])
+    _wait_until(lambda: all(_running(p) for p in (a_child, a_flag.pid, b_marked.pid, tail.pid, unmarked.pid)))
+
+    assert _pids(cluster_processes(a)) == {a_parent.pid, a_child, a_flag.pid}
+    assert _pids(cluster_processes(b)) == {b_marked.pid}
+
+    stopped, killed = stop_cluster_processes(a, grace_s=3.0)
+
+    assert (stopped, killed) == (3, [])
+    assert not any(_running(pid) for pid in (a_parent.pid, a_child, a_flag.pid))
+    assert all(_running(pid) for pid in (b_marked.pid, tail.pid, unmarked.pid))
+    assert cluster_processes(a) == []
+
+
+def test_sigkill_after_the_grace_period(tmp_path, spawn):
+    stubborn = spawn([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                      "print('ready', flush=True); time.sleep(300)"], marker=tmp_path, stdout=subprocess.PIPE,
+                     text=True)
+    assert stubborn.stdout.readline().strip() == "ready"  # SIGTERM is ignored from here on
+
+    t = time.monotonic()
+    stopped, killed = stop_cluster_processes(tmp_path, grace_s=0.9)
+
+    assert stopped == 1 and len(killed) == 1 and time.monotonic() - t < 10
+    assert stubborn.wait(timeout=5) == -9
+
+
+def test_the_temp_dir_matches_through_a_symlink(tmp_path, spawn):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    p = spawn(["sleep", "300"], marker=tmp_path / "link")
+    _wait_until(lambda: _running(p.pid))
+    assert p.pid in _pids(cluster_processes(real))
+
+
+def test_rays_shared_default_temp_dir_matches_by_marker_only(spawn):
+    # Every ray.init() on the machine names /tmp/ray: only processes marked by chatray count there.
+    flagged = spawn([sys.executable, "-c", SLEEP, "--temp-dir=/tmp/ray"])
+    marked = spawn(["sleep", "300"], marker=Path("/tmp/ray"))
+    _wait_until(lambda: _running(flagged.pid) and _running(marked.pid))
+    found = _pids(cluster_processes("/tmp/ray"))  # listed only, nothing is stopped
+    assert marked.pid in found and flagged.pid not in found
+
+
+def test_never_the_caller_or_its_ancestors(tmp_path):
+    # A marked process (a job on the cluster) that asks for the cluster's processes is not among them.
+    code = ("import os; from chatray.localcluster import cluster_processes as c; "
+            f"print(os.getpid() in {{p.pid for p in c({str(tmp_path)!r})}})")
+    env = {**os.environ, MARKER_ENV: str(tmp_path)}
+    out = subprocess.run(["bash", "-c", f'{sys.executable} -c "{code}"; true'], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_down_stops_a_recorded_cluster_and_forgets_it(tmp_path, home, spawn):
+    cluster = LocalCluster(gcs_port=free_port(), dashboard_port=free_port(), temp_dir=str(tmp_path / "ray"))
+    cluster.ray_temp_dir.mkdir()
+    cluster.env_file.write_text("export RAY_AUTH_MODE=token\n")
+    _record(cluster)
+    ours = spawn(["sleep", "300"], marker=cluster.ray_temp_dir)
+    other = spawn(["sleep", "300"], marker=tmp_path / "other")
+    _wait_until(lambda: _running(ours.pid) and _running(other.pid))
+
+    lines = stop_local_cluster(cluster=cluster, grace_s=3.0)
+
+    assert any("1 processes of" in line for line in lines), lines
+    assert not _running(ours.pid) and _running(other.pid)
+    assert not _state_file().exists() and not cluster.env_file.exists()
+
+
+def test_down_without_a_record_leaves_the_processes_unless_forced(tmp_path, home, spawn):
+    cluster = LocalCluster(gcs_port=free_port(), dashboard_port=free_port(), temp_dir=str(tmp_path / "ray"))
+    p = spawn(["sleep", "300"], marker=cluster.ray_temp_dir)
+    _wait_until(lambda: _running(p.pid))
+
+    lines = stop_local_cluster(cluster=cluster, grace_s=3.0)
+    assert _running(p.pid) and "--force" in lines[0]
+
+    stop_local_cluster(cluster=cluster, force=True, grace_s=3.0)
+    assert not _running(p.pid)
+
+
+def test_down_reads_the_recorded_addresses_of_the_configured_temp_dir(tmp_path, home, spawn, monkeypatch):
+    temp = tmp_path / "ray"
+    _record(LocalCluster(gcs_port=free_port(), dashboard_port=free_port(), temp_dir=str(temp)))
+    monkeypatch.setenv("CHATRAY_RAY_TEMP_DIR", str(temp))
+    p = spawn(["sleep", "300"], marker=temp)
+    _wait_until(lambda: _running(p.pid))
+
+    stop_local_cluster(grace_s=3.0)  # `chatray down`
+
+    assert not _running(p.pid) and not _state_file().exists()
+
+
+def test_settings_from_the_environment():
+    c = LocalCluster.from_env({"CHATRAY_RAY_PORT": "6380", "CHATRAY_DASHBOARD_PORT": "8266",
+                               "CHATRAY_RAY_TEMP_DIR": "/tmp/x", "CHATRAY_DASHBOARD_HOST": "0.0.0.0"})
+    assert (c.address, c.dashboard_url, c.ray_temp_dir) == ("127.0.0.1:6380", "http://127.0.0.1:8266", Path("/tmp/x"))
+    assert LocalCluster.from_env({}).address == "127.0.0.1:6379"
+    with pytest.raises(ValueError, match="CHATRAY_RAY_PORT must be a TCP port.*'x'.*CHATRAY_DASHBOARD_PORT"):
+        LocalCluster.from_env({"CHATRAY_RAY_PORT": "x", "CHATRAY_DASHBOARD_PORT": "70000"})
+
+
+def test_start_refuses_to_turn_token_auth_off(home, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with pytest.raises(ChatrayError, match="always uses token authentication"):
+        start_local_cluster(LocalCluster(gcs_port=free_port(), dashboard_port=free_port()))
+
+
+def test_start_refuses_a_temp_dir_too_long_for_rays_sockets(home):
+    long_dir = "/tmp/" + "x" * 60
+    with pytest.raises(ChatrayError, match="too long"):
+        start_local_cluster(LocalCluster(gcs_port=free_port(), dashboard_port=free_port(), temp_dir=long_dir))
+    assert not Path(long_dir).exists()
