@@ -141,9 +141,13 @@ def _ensure_ray(progress: bool) -> bool:
 
     if ray.is_initialized():
         return False
+    import logging
+
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = progress
+    # chatray prints one progress line per finished shard; Ray Data's own bars and INFO lines would interleave.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
              include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
              configure_logging=True, logging_level="WARNING")
@@ -294,7 +298,8 @@ def prepare_dataset(
         started_ray = _ensure_ray(progress)
         ray_s = time.perf_counter() - t_ray
         if started_ray:
-            _say(progress, f"started a local Ray ({ray_s:.1f}s)")
+            where = os.environ.get("RAY_ADDRESS")
+            _say(progress, f"connected to Ray at {where}" if where else f"started a local Ray ({ray_s:.1f}s)")
         tok, n_eval, sources, skipped, errors = (loaded.tokenizer, loaded.n_eval, loaded.sources, loaded.skipped,
                                                  loaded.errors)
         import pyarrow as pa
