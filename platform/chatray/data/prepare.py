@@ -91,7 +91,11 @@ def _encode_shards(batch: Any, tokenizer_json: Any, max_length: int, chunk: int)
                      "split_conversations": st.split_conversations, "truncated_messages": st.truncated_messages,
                      "dropped_windows": st.dropped_windows})
         lo = hi
-    return pa.Table.from_pylist(rows)
+    # large_binary: a shard's file may pass 2 GB when --shards is set low for a big corpus.
+    schema = pa.schema([("split", pa.string()), ("shard", pa.int64()), ("parquet", pa.large_binary())]
+                       + [(k, pa.int64()) for k in ("conversations", "rows", "tokens", "loss_tokens",
+                                                    "split_conversations", "truncated_messages", "dropped_windows")])
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def _encode_shard(backend: Any, block: Any, max_length: int, chunk: int) -> tuple[bytes, EncodeStats]:
