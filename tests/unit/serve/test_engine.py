@@ -206,6 +206,37 @@ def test_async_engine_streams_and_cancels(tiny_model):
     asyncio.run(main())
 
 
+def test_whole_reply_crosses_threads_once_and_cancels(tiny_model):
+    """A non-streaming request gets one hand-over with the whole text; cancelling it aborts the generation."""
+    model, tok = tiny_model
+
+    async def main():
+        engine = AsyncEngine(GenerationEngine(model, tok, eos_token_ids=[]), step_delay_s=0.002)
+        try:
+            params = SamplingParams(max_tokens=12, temperature=0.0)
+            streamed = [o async for o in engine.stream([7, 8, 9], params)]
+            whole = [o async for o in engine.stream([7, 8, 9], params, whole=True)]
+            assert len(streamed) == 12 and len(whole) == 1
+            assert whole[0].delta == "".join(o.delta for o in streamed) and whole[0].completion_tokens == 12
+            task = asyncio.create_task(engine.generate([1, 2], SamplingParams(max_tokens=100, temperature=0.0)))
+            for _ in range(200):
+                if engine.stats()["running"] == 1:
+                    break
+                await asyncio.sleep(0.005)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(200):
+                if engine.stats()["running"] == 0 and engine.stats()["aborted"] == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.stats()["running"] == 0 and engine.stats()["aborted"] == 1
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
+
+
 def test_loader_refuses_pickled_weights(tmp_path, tiny_checkpoint):
     import shutil
 
