@@ -1,9 +1,10 @@
 """``chatray data prepare``: dialogue files -> tokenized, sharded Parquet dataset.
 
-Pipeline: read + validate on the driver (cheap, exact error locations) -> train or load the tokenizer ->
-deterministic shuffle and train/eval split -> tokenization as a Ray Data ``map_batches`` over an actor
-pool (scales out across a cluster) -> Parquet shards written to a staging folder -> published atomically
-(local: one rename; S3: ``manifest.json`` uploaded last, so readers never see half a dataset).
+Pipeline: read + validate on the driver (exact error locations) -> seeded shuffle and train/eval split ->
+render the chat template -> train or load the tokenizer -> one Ray Data ``map_batches`` task per shard
+(scales out across a cluster): tokenize, build the loss masks, compress the shard's Parquet file -> the
+driver writes each file to a staging folder as it arrives (one progress line per shard) -> published
+atomically (local: one rename; S3: ``manifest.json`` uploaded last, so readers never see half a dataset).
 """
 
 from __future__ import annotations
