@@ -16,7 +16,7 @@ the manifest; nothing is lost silently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,7 @@ IGNORE_INDEX = -100
 
 @dataclass
 class EncodeStats:
-    """Counts for the manifest."""
+    """Counts for the manifest (every field is a counter)."""
 
     conversations: int = 0
     rows: int = 0
@@ -39,12 +39,15 @@ class EncodeStats:
     split_conversations: int = 0
     truncated_messages: int = 0
     dropped_windows: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def add(self, other: EncodeStats) -> None:
-        for k in ("conversations", "rows", "tokens", "loss_tokens", "split_conversations", "truncated_messages",
-                  "dropped_windows"):
+        for k in self.counters():
             setattr(self, k, getattr(self, k) + getattr(other, k))
+
+    @classmethod
+    def counters(cls) -> tuple[str, ...]:
+        """The field names, in order."""
+        return tuple(f.name for f in fields(cls))
 
 
 def _windows(msg_tok_starts: np.ndarray, n_tokens: int, max_length: int) -> tuple[list[tuple[int, int]], int]:

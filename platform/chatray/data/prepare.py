@@ -87,15 +87,11 @@ def _encode_shards(batch: Any, tokenizer_json: Any, max_length: int, chunk: int)
         while hi < len(keys) and keys[hi] == keys[lo]:
             hi += 1
         data, st = _encode_shard(backend, batch.slice(lo, hi - lo), max_length, chunk)
-        rows.append({"split": keys[lo][0], "shard": keys[lo][1], "parquet": data, "conversations": st.conversations,
-                     "rows": st.rows, "tokens": st.tokens, "loss_tokens": st.loss_tokens,
-                     "split_conversations": st.split_conversations, "truncated_messages": st.truncated_messages,
-                     "dropped_windows": st.dropped_windows})
+        rows.append({"split": keys[lo][0], "shard": keys[lo][1], "parquet": data, **vars(st)})
         lo = hi
     # large_binary: a shard's file may pass 2 GB when --shards is set low for a big corpus.
     schema = pa.schema([("split", pa.string()), ("shard", pa.int64()), ("parquet", pa.large_binary())]
-                       + [(k, pa.int64()) for k in ("conversations", "rows", "tokens", "loss_tokens",
-                                                    "split_conversations", "truncated_messages", "dropped_windows")])
+                       + [(k, pa.int64()) for k in EncodeStats.counters()])
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -362,9 +358,7 @@ def prepare_dataset(
                 info["files"].append(name)
                 for k in ("rows", "tokens", "loss_tokens"):
                     info[k] += r[k]
-                stats.add(EncodeStats(**{k: r[k] for k in ("conversations", "rows", "tokens", "loss_tokens",
-                                                           "split_conversations", "truncated_messages",
-                                                           "dropped_windows")}))
+                stats.add(EncodeStats(**{k: r[k] for k in EncodeStats.counters()}))
                 done += 1
                 el = max(time.perf_counter() - t_enc, 1e-9)
                 _say(progress, f"shard {done}/{len(blocks)} written ({name}): {stats.conversations:,}/"
