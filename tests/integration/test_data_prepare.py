@@ -141,3 +141,40 @@ def test_exact_shard_count_balanced_and_nothing_lost(tmp_path, ray_session):
     tok = load_tokenizer(str(tmp_path / "o"))
     got = sorted(tok.decode(r["input_ids"]) for f in files for r in pq.read_table(tmp_path / "o" / f).to_pylist())
     assert got == sorted(f"<|user|>\nquestion {i}\n<|assistant|>\na{i}<|endoftext|>\n" for i in range(22))
+
+
+def test_large_inputs_are_read_by_ray_tasks_with_the_same_result(tmp_path, ray_session, monkeypatch):
+    """Inputs over LOCAL_READ_BYTES are cut into line runs read by Ray tasks: same dataset as the driver-side read,
+    and a bad record is still reported with the file's own line number, publishing nothing."""
+    import chatray.data.prepare as prep
+
+    src = tmp_path / "d.jsonl"
+    recs = [{"messages": [{"role": "user", "content": f"question {i} 第{i}个"},
+                          {"role": "assistant", "content": f"answer {i} " * (1 + i % 5)}]} for i in range(400)]
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n", encoding="utf-8")
+    kw = dict(tokenizer="train:400", max_length=48, shards=3, seed=3, progress=False)
+    local = prepare_dataset([str(src)], str(tmp_path / "local"), **kw)
+    monkeypatch.setattr(prep, "LOCAL_READ_BYTES", 0)
+    split_calls: list[int] = []
+    real_split = prep.split_parts
+
+    def spy(files, fmt, part_bytes=None):
+        parts = real_split(files, fmt, part_bytes=None if part_bytes is None else 4096)
+        split_calls.append(len(parts))
+        return parts
+
+    monkeypatch.setattr(prep, "split_parts", spy)
+    remote = prepare_dataset([str(src)], str(tmp_path / "remote"), **kw)
+    assert split_calls and split_calls[0] > 5  # really read in several Ray tasks
+    for key in ("counts", "splits", "sources", "tokenizer"):
+        assert remote[key] == local[key], key
+    for split in ("train", "eval"):
+        for f in local["splits"][split]["files"]:
+            assert pq.read_table(tmp_path / "local" / f).equals(pq.read_table(tmp_path / "remote" / f)), f
+
+    lines = src.read_text(encoding="utf-8").splitlines()
+    lines[350] = '{"messages": [{"role": "user", "content": "a"}]}'
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ChatrayError, match=r"d.jsonl:line 351: conversation has no assistant turn"):
+        prepare_dataset([str(src)], str(tmp_path / "bad"), **kw)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl", "local", "remote"]  # no staging left

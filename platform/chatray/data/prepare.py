@@ -26,7 +26,7 @@ from chatray import __version__
 from chatray.data.corpus import DEMO_INPUTS
 from chatray.data.dataset import FORMAT_VERSION, MANIFEST
 from chatray.data.encode import EncodeStats
-from chatray.data.readers import FORMATS, iter_conversations
+from chatray.data.readers import FORMATS, InputFile, Part, PartResult, load_inputs, merge_parts, read_part, split_parts
 from chatray.data.tokenizer import CHAT_TEMPLATE, load_tokenizer_spec, render_chat, tokenizer_fingerprint
 from chatray.errors import ChatrayError
 from chatray.storage.uri import exists, filesystem_for, is_remote, join
@@ -34,6 +34,8 @@ from chatray.storage.uri import exists, filesystem_for, is_remote, join
 __all__ = ["DEMO_INPUTS", "prepare_dataset"]
 
 SHARD_CONVERSATIONS = 20_000  # --shards default: about this many train conversations per shard (progress steps)
+LOCAL_READ_BYTES = 4 << 20  # inputs up to this size are read by the driver; larger ones by Ray tasks
+READ_PARTS_PER_CPU = 4  # reader tasks per cluster CPU for large inputs (balance)
 
 
 def _say(progress: bool, msg: str) -> None:
@@ -167,32 +169,52 @@ class _Inputs:
     tokenizer: Any
 
 
-def _read_inputs(inputs: list[str], fmt: str, skip_invalid: bool, eval_fraction: float, seed: int,
-                 train_on_all: bool, tokenizer: str, max_length: int, progress: bool) -> _Inputs:
-    """Read + validate, shuffle, split, render the chat template, and train or load the tokenizer."""
+def _read_rendered(part: Part, train_on_all: bool) -> tuple[Any, PartResult]:
+    """Reader (a Ray task for large inputs): parse one part and render its conversations with the chat template.
+
+    Returns:
+        (Arrow table text/spans/starts, the part's result without its conversations); errors come back as values.
+    """
+    import pyarrow as pa
+
+    res = read_part(part)
+    texts, spans, starts = [], [], []
+    for c in res.conversations:
+        text, sp, st = render_chat(c.messages, train_on_all=train_on_all)
+        texts.append(text)
+        spans.append([x for ab in sp for x in ab])
+        starts.append(st)
+    res.conversations = []
+    return pa.table({"text": pa.array(texts, pa.large_string()), "spans": pa.array(spans, pa.list_(pa.int32())),
+                     "starts": pa.array(starts, pa.list_(pa.int32()))}), res
+
+
+def _assemble(inputs: list[str], files: list[InputFile], parts: list[Part], read: list[tuple[Any, PartResult]],
+              eval_fraction: float, seed: int, tokenizer: str, max_length: int, progress: bool) -> _Inputs:
+    """Merge the parts in input order, shuffle (seeded), split, and train or load the tokenizer."""
     import pyarrow as pa
 
     errors: list[str] = []
-    convs, sources = iter_conversations(inputs, fmt, skip_invalid=skip_invalid, errors=errors)
+    sources = merge_parts(files, parts, [r for _, r in read], errors)  # raises the first bad record
+    table = pa.concat_tables([t for t, _ in read])
+    n = table.num_rows
+    if not n:
+        raise ChatrayError(f"no valid conversations in {', '.join(map(str, inputs))}",
+                           hint="check the files and --format")
     skipped = sum(s.skipped for s in sources)
-    _say(progress, f"read {len(convs):,} conversations from {len(sources)} files"
+    _say(progress, f"read {n:,} conversations from {len(sources)} files"
          + (f" ({skipped} invalid records skipped)" if skipped else ""))
-    n_eval = 0 if eval_fraction == 0 else max(1, round(eval_fraction * len(convs)))
-    if n_eval >= len(convs):
-        raise ChatrayError(f"only {len(convs)} conversations: too few for an eval split of {eval_fraction}",
+    n_eval = 0 if eval_fraction == 0 else max(1, round(eval_fraction * n))
+    if n_eval >= n:
+        raise ChatrayError(f"only {n} conversations: too few for an eval split of {eval_fraction}",
                            hint="add data or pass --eval-fraction 0")
-    order = list(range(len(convs)))
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    rendered = [render_chat(convs[i].messages, train_on_all=train_on_all) for i in order]
-    del convs
+    table = table.take(pa.array(order, pa.int64()))
     t_tok = time.perf_counter()
-    tok = load_tokenizer_spec(tokenizer, (r[0] for r in rendered), max_length=max_length)
+    texts = (t for chunk in table.column("text").chunks for t in chunk.to_pylist())
+    tok = load_tokenizer_spec(tokenizer, texts, max_length=max_length)
     _say(progress, f"tokenizer {tokenizer}: vocab {len(tok)} ({time.perf_counter() - t_tok:.1f}s)")
-    table = pa.table({
-        "text": pa.array([r[0] for r in rendered], pa.large_string()),
-        "spans": pa.array([[x for sp in r[1] for x in sp] for r in rendered], pa.list_(pa.int32())),
-        "starts": pa.array([r[2] for r in rendered], pa.list_(pa.int32())),
-    })
     return _Inputs([vars(s) for s in sources], skipped, errors, n_eval, table, tok)
 
 
@@ -289,8 +311,13 @@ def prepare_dataset(
     t0 = time.perf_counter()
     import ray
 
-    loaded = _read_inputs(inputs, fmt, skip_invalid, eval_fraction, seed, train_on_all, tokenizer, max_length,
-                          progress)
+    files = load_inputs(inputs, skip_invalid)
+    total_bytes = sum(len(f.data) for f in files)
+    loaded: _Inputs | None = None
+    if total_bytes <= LOCAL_READ_BYTES:  # small: read here before Ray starts, so bad input is reported at once
+        parts = split_parts(files, fmt)
+        loaded = _assemble(inputs, files, parts, [_read_rendered(p, train_on_all) for p in parts], eval_fraction,
+                           seed, tokenizer, max_length, progress)
     started_ray = False
     tmp_root: Path | None = None
     staging: Path | None = None
@@ -301,11 +328,21 @@ def prepare_dataset(
         if started_ray:
             where = os.environ.get("RAY_ADDRESS")
             _say(progress, f"connected to Ray at {where}" if where else f"started a local Ray ({ray_s:.1f}s)")
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        if loaded is None:  # large: JSONL files are cut into runs of lines, read and rendered by Ray tasks
+            parts = split_parts(files, fmt, part_bytes=max(1 << 20, -(-total_bytes // (READ_PARTS_PER_CPU * cpus))))
+            t_read = time.perf_counter()
+            reader = ray.remote(num_cpus=1)(_read_rendered)
+            read = ray.get([reader.remote(p, train_on_all) for p in parts])
+            _say(progress, f"read {total_bytes / 1e6:,.1f} MB in {len(parts)} Ray tasks "
+                 f"({time.perf_counter() - t_read:.1f}s)")
+            loaded = _assemble(inputs, files, parts, read, eval_fraction, seed, tokenizer, max_length, progress)
+            del parts, read
+        del files
         tok, n_eval, sources, skipped, errors = (loaded.tokenizer, loaded.n_eval, loaded.sources, loaded.skipped,
                                                  loaded.errors)
         import pyarrow as pa
 
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         workers = num_workers or cpus
         n_train = loaded.table.num_rows - n_eval
         shards = shards or cpus * math.ceil(n_train / (cpus * SHARD_CONVERSATIONS))

@@ -28,10 +28,17 @@ __all__ = [
     "Conversation",
     "DataError",
     "Format",
+    "InputFile",
+    "Part",
+    "PartResult",
     "collect_files",
     "detect_format",
     "iter_conversations",
+    "load_inputs",
+    "merge_parts",
     "read_file",
+    "read_part",
+    "split_parts",
 ]
 
 Format = Literal["auto", "openai", "sharegpt", "turns", "chatterbot"]
@@ -98,15 +105,6 @@ def collect_files(inputs: list[str]) -> list[Path]:
     return out
 
 
-def _decode(path: Path, data: bytes) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:line {line}", f"not valid UTF-8 (byte {e.start}: {e.reason}); "
-                        "re-encode the file as UTF-8") from e
-
-
 def detect_format(path: Path, text: str) -> str:
     """Guess the format of one file from its suffix and first record.
 
@@ -147,10 +145,11 @@ def detect_format(path: Path, text: str) -> str:
                     "or 'conversations', or a list of turns); pass --format")
 
 
-def _records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
-    """(location, record) pairs of a JSON array/object file or a JSONL file."""
+def _records(path: Path, text: str, first_line: int = 1, lines_only: bool = False) -> Iterator[tuple[str, Any]]:
+    """(location, record) pairs of a JSON array/object file or a JSONL file (or a run of JSONL lines starting
+    at line ``first_line`` when ``lines_only``)."""
     stripped = text.lstrip()
-    if path.suffix.lower() == ".json" or stripped.startswith("[") and not stripped.startswith("[\""):
+    if not lines_only and (path.suffix.lower() == ".json" or _json_document(stripped)):
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
@@ -165,7 +164,7 @@ def _records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             for i, rec in enumerate(doc):
                 yield f"{path}: record {i}", rec
             return
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), first_line):
         if not line.strip():
             continue
         try:
@@ -174,6 +173,12 @@ def _records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
             yield f"{path}:line {i}", DataError(f"{path}:line {i}", f"malformed JSON ({e.msg} at column {e.colno})")
             continue
         yield f"{path}:line {i}", rec
+
+
+def _json_document(stripped: str) -> bool:
+    """Whether text (leading whitespace removed) is tried as one JSON document rather than as JSONL lines: it
+    opens a list, and not as a JSONL line of turns (``["hi", ...]``) does."""
+    return stripped.startswith("[") and not stripped.startswith("[\"")
 
 
 def _check(where: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -263,6 +268,150 @@ def _chatterbot_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
         yield f"{path}: conversation {i}", c
 
 
+@dataclass
+class InputFile:
+    """One input file as the driver read it: its bytes (shipped to reader tasks, so the cluster's nodes need
+    no access to the driver's disk) and whether bad records are always skipped (the bundled corpus)."""
+
+    path: Path
+    data: bytes
+    skip_invalid: bool
+
+
+@dataclass
+class Part:
+    """Whole records of one input file for one reader: the whole file, or a run of lines of a large JSONL file
+    (``first_line`` numbers its first line, so errors name the file's own line numbers)."""
+
+    file: int  # index into the input files
+    path: Path
+    data: bytes
+    fmt: str  # "auto" only for a whole file
+    first_line: int = 1
+    lines_only: bool = False
+    skip_invalid: bool = False
+
+
+@dataclass
+class PartResult:
+    """What reading a :class:`Part` gave: errors travel as values (reader tasks never raise)."""
+
+    conversations: list[Conversation]
+    fmt: str
+    count: int = 0  # conversations read (kept when a task drops ``conversations`` after rendering them)
+    skipped: int = 0
+    errors: list[str] = field(default_factory=list)  # skipped records' messages
+    error: DataError | None = None  # the first bad record (reading stopped there), or a file-level problem
+
+
+def read_part(part: Part) -> PartResult:
+    """Decode, detect the format (whole files) and parse the records of ``part``; never raises DataError."""
+    path, fmt = part.path, part.fmt
+    out: list[Conversation] = []
+    res = PartResult(out, fmt)
+    try:
+        try:
+            text = part.data.decode("utf-8-sig" if part.first_line == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            line = part.first_line + part.data[: e.start].count(b"\n")
+            raise DataError(f"{path}:line {line}", f"not valid UTF-8 (byte {e.start}: {e.reason}); "
+                            "re-encode the file as UTF-8") from e
+        if not part.lines_only and not text.strip():
+            raise DataError(str(path), "file is empty")
+        if fmt == "auto":
+            fmt = res.fmt = detect_format(path, text)
+        parse = {"openai": _from_openai, "sharegpt": _from_sharegpt, "turns": _from_turns,
+                 "chatterbot": lambda w, r: _from_turns(w, r, coerce_scalars=True)}.get(fmt)
+        if parse is None:
+            raise ChatrayError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        records = (_chatterbot_records(path, text) if fmt == "chatterbot"
+                   else _records(path, text, part.first_line, part.lines_only))
+        for where, rec in records:
+            try:
+                if isinstance(rec, DataError):
+                    raise rec
+                out.append(Conversation(parse(where, rec), where))
+            except DataError as e:
+                if not part.skip_invalid:
+                    raise
+                res.skipped += 1
+                res.errors.append(str(e.message))
+    except DataError as e:
+        res.error = e
+    res.count = len(out)
+    return res
+
+
+def split_parts(files: list[InputFile], fmt: str, part_bytes: int | None = None) -> list[Part]:
+    """Cut the inputs into parts for parallel readers: a JSONL file larger than ``part_bytes`` becomes runs of
+    whole lines of about that size (format detected once from its first run); any other file is one part."""
+    parts: list[Part] = []
+    for k, f in enumerate(files):
+        data = f.data
+        head = data[:3].removeprefix(b"\xef\xbb\xbf") + data[3:64]
+        splittable = (part_bytes is not None and len(data) > part_bytes and f.path.suffix.lower() == ".jsonl"
+                      and fmt != "chatterbot" and not _json_document(head.lstrip().decode("utf-8", "replace")))
+        cuts = [0]
+        if splittable:
+            n = -(-len(data) // part_bytes)
+            for j in range(1, n):
+                c = data.find(b"\n", max(cuts[-1], j * len(data) // n)) + 1
+                if 0 < c < len(data) and c > cuts[-1]:
+                    cuts.append(c)
+        cuts.append(len(data))
+        file_fmt = fmt
+        if len(cuts) > 2 and fmt == "auto":
+            try:
+                file_fmt = detect_format(f.path, data[:cuts[1]].decode("utf-8-sig"))
+            except (DataError, UnicodeDecodeError):  # read whole, so that it is reported as usual
+                cuts = [0, len(data)]
+        line = 1
+        for a, b in zip(cuts, cuts[1:]):
+            parts.append(Part(k, f.path, data[a:b], file_fmt, first_line=line, lines_only=len(cuts) > 2,
+                              skip_invalid=f.skip_invalid))
+            line += data.count(b"\n", a, b)
+    return parts
+
+
+def merge_parts(files: list[InputFile], parts: list[Part], results: list[PartResult],
+                errors: list[str] | None = None) -> list[SourceFile]:
+    """Per-file counts for the manifest from the parts' results (in input order); raises the first error.
+
+    Raises:
+        DataError: the earliest bad record in input order (what reading the files one by one would raise).
+    """
+    for r in results:
+        if r.error is not None:
+            raise r.error
+    sources = [SourceFile(path=str(f.path), sha256=hashlib.sha256(f.data).hexdigest(), format="") for f in files]
+    for p, r in zip(parts, results):
+        s = sources[p.file]
+        s.format = r.fmt
+        s.conversations += r.count
+        s.skipped += r.skipped
+        if errors is not None:
+            errors.extend(r.errors)
+    return sources
+
+
+def load_inputs(inputs: list[str], skip_invalid: bool = False) -> list[InputFile]:
+    """Expand ``inputs`` (files, folders, ``chatterbot:LANG``) and read each file's bytes.
+
+    Raises:
+        ChatrayError: see :func:`collect_files`.
+    """
+    from chatray.data.corpus import corpus_root, expand_corpus_inputs
+
+    bundled = corpus_root()
+    out = []
+    for f in collect_files(expand_corpus_inputs(inputs)):
+        # The bundled corpus has a few malformed records of its own (e.g. a bare string where a list of
+        # turns belongs): those are always skipped and counted, never fatal.
+        in_corpus = bundled is not None and f.resolve().is_relative_to(bundled)
+        out.append(InputFile(f, f.read_bytes(), skip_invalid or in_corpus))
+    return out
+
+
 def read_file(path: Path, fmt: str = "auto", *, skip_invalid: bool = False,
               errors: list[str] | None = None) -> tuple[list[Conversation], SourceFile]:
     """Read one file into conversations.
@@ -279,54 +428,25 @@ def read_file(path: Path, fmt: str = "auto", *, skip_invalid: bool = False,
     Raises:
         DataError: the first bad record (unless ``skip_invalid``), or a file-level problem.
     """
-    data = path.read_bytes()
-    text = _decode(path, data)
-    if not text.strip():
-        raise DataError(str(path), "file is empty")
-    if fmt == "auto":
-        fmt = detect_format(path, text)
-    src = SourceFile(path=str(path), sha256=hashlib.sha256(data).hexdigest(), format=fmt)
-    records = _chatterbot_records(path, text) if fmt == "chatterbot" else _records(path, text)
-    parse = {"openai": _from_openai, "sharegpt": _from_sharegpt, "turns": _from_turns,
-             "chatterbot": lambda w, r: _from_turns(w, r, coerce_scalars=True)}.get(fmt)
-    if parse is None:
-        raise ChatrayError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    out: list[Conversation] = []
-    for where, rec in records:
-        try:
-            if isinstance(rec, DataError):
-                raise rec
-            out.append(Conversation(parse(where, rec), where))
-        except DataError as e:
-            if not skip_invalid:
-                raise
-            src.skipped += 1
-            if errors is not None:
-                errors.append(str(e.message))
-    src.conversations = len(out)
-    return out, src
+    files = [InputFile(path, path.read_bytes(), skip_invalid)]
+    parts = split_parts(files, fmt)
+    results = [read_part(p) for p in parts]
+    (src,) = merge_parts(files, parts, results, errors)
+    return results[0].conversations, src
 
 
 def iter_conversations(inputs: list[str], fmt: str = "auto", *, skip_invalid: bool = False,
                        errors: list[str] | None = None) -> tuple[list[Conversation], list[SourceFile]]:
-    """Read every input (files, folders, or ``chatterbot:english|chinese``) into one list.
+    """Read every input (files, folders, or ``chatterbot:english|chinese``) into one list, in this process.
 
     Raises:
         DataError / ChatrayError: see :func:`read_file`; also when no conversation at all was read.
     """
-    from chatray.data.corpus import corpus_root, expand_corpus_inputs
-
-    files = collect_files(expand_corpus_inputs(inputs))
-    bundled = corpus_root()
-    convs: list[Conversation] = []
-    sources: list[SourceFile] = []
-    for f in files:
-        # The bundled corpus has a few malformed records of its own (e.g. a bare string where a list of
-        # turns belongs): those are always skipped and counted, never fatal.
-        in_corpus = bundled is not None and f.resolve().is_relative_to(bundled)
-        c, s = read_file(f, fmt, skip_invalid=skip_invalid or in_corpus, errors=errors)
-        convs.extend(c)
-        sources.append(s)
+    files = load_inputs(inputs, skip_invalid)
+    parts = split_parts(files, fmt)
+    results = [read_part(p) for p in parts]
+    sources = merge_parts(files, parts, results, errors)
+    convs = [c for r in results for c in r.conversations]
     if not convs:
         raise ChatrayError(f"no valid conversations in {', '.join(map(str, inputs))}",
                            hint="check the files and --format")

@@ -135,3 +135,60 @@ def test_data_errors_cross_process_boundaries_intact():
     back = pickle.loads(pickle.dumps(err))
     assert type(back) is DataError and str(back) == str(err) == "dialogs.jsonl:line 7: message 0: unknown role 'robot'"
     assert (back.where, back.reason, back.hint) == (err.where, err.reason, err.hint)
+
+
+def _split_read(f: Path, part_bytes: int, fmt: str = "auto", skip_invalid: bool = False):
+    from chatray.data.readers import InputFile, merge_parts, read_part, split_parts
+
+    files = [InputFile(f, f.read_bytes(), skip_invalid)]
+    parts = split_parts(files, fmt, part_bytes=part_bytes)
+    results = [read_part(p) for p in parts]
+    errors: list[str] = []
+    (src,) = merge_parts(files, parts, results, errors)
+    return parts, [c for r in results for c in r.conversations], src, errors
+
+
+@pytest.mark.parametrize("bom", [False, True])
+def test_large_jsonl_split_into_line_runs_reads_like_the_whole_file(tmp_path, bom):
+    """Parallel readers get runs of whole lines; together they give exactly what reading the file whole gives,
+    with the file's own line numbers (blank lines included) and one sha256 for the file."""
+    lines = []
+    for i in range(200):
+        lines.append(json.dumps({"messages": [{"role": "user", "content": f"问题 {i}"},
+                                              {"role": "assistant", "content": f"answer {i} " + "x" * (i % 17)}]},
+                                ensure_ascii=False))
+        if i % 9 == 0:
+            lines.append("")
+    f = _write(tmp_path / "big.jsonl", (b"\xef\xbb\xbf" if bom else b"") + "\n".join(lines).encode())
+    whole, src_whole = read_file(f)
+    parts, convs, src, _ = _split_read(f, part_bytes=700)
+    assert len(parts) > 10 and all(p.lines_only and p.fmt == "openai" for p in parts)
+    assert all(p.data.endswith(b"\n") for p in parts[:-1])  # cut after a newline: whole lines only
+    assert [c.messages for c in convs] == [c.messages for c in whole]
+    assert [c.source for c in convs] == [c.source for c in whole]
+    assert convs[-1].source.endswith(f"big.jsonl:line {len(lines)}")
+    assert src == src_whole
+
+
+def test_split_reading_reports_the_files_line_numbers(tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    lines = [good] * 150
+    lines[120] = '{"messages": [{"role": "robot", "content": "a"}]}'
+    lines[130] = "{oops"
+    f = _write(tmp_path / "late.jsonl", "\n".join(lines))
+    with pytest.raises(DataError, match=r"late.jsonl:line 121: message 0: unknown role 'robot'"):
+        _split_read(f, part_bytes=500)
+    parts, convs, src, errors = _split_read(f, part_bytes=500, skip_invalid=True)
+    assert len(parts) > 5 and len(convs) == 148 and src.skipped == 2
+    assert ["late.jsonl:line 121" in errors[0], "late.jsonl:line 131" in errors[1]] == [True, True]
+    bad = _write(tmp_path / "enc.jsonl", ("\n".join([good] * 100) + "\n").encode() + b'{"x": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"enc.jsonl:line 101: not valid UTF-8"):
+        _split_read(bad, part_bytes=500)
+
+
+def test_json_documents_and_yaml_are_never_split(tmp_path):
+    rec = {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+    for name, text in (("a.json", json.dumps([rec] * 50)), ("b.jsonl", json.dumps([rec] * 50, indent=1)),
+                       ("c.yml", "conversations:\n" + "- - hi\n  - hello\n" * 50)):
+        parts, convs, src, _ = _split_read(_write(tmp_path / name, text), part_bytes=100)
+        assert len(parts) == 1 and len(convs) == 50, name
