@@ -117,33 +117,37 @@ class EncodedRows:
                 [self.labels[o[i]:o[i + 1]] for i in range(len(o) - 1)])
 
 
-def encode_rendered(backend: Any, texts: list[str], spans: list[list[tuple[int, int]]], starts: list[list[int]],
+def encode_rendered(backend: Any, texts: list[str], spans: list[list[int]], starts: list[list[int]],
                     max_length: int) -> EncodedRows:
     """Tokenize rendered conversations (one Rust ``encode_batch`` call) into training rows.
 
     Args:
         backend: a ``tokenizers.Tokenizer``.
         texts: rendered conversations (:func:`chatray.data.tokenizer.render_chat`).
-        spans: per conversation, the ``[start, end)`` character spans whose tokens carry loss.
+        spans: per conversation, the character spans whose tokens carry loss as flat ``[start, end)`` pairs
+            (``[s0, e0, s1, e1, ...]``: the form they are stored in between the pipeline's stages).
         starts: per conversation, the character offset of each message (split points for over-long ones).
         max_length: the context length rows must fit.
     """
     from itertools import chain
 
     encs = backend.encode_batch(texts, add_special_tokens=False)
-    n_tok = np.fromiter((len(e) for e in encs), dtype=np.int64, count=len(encs))
+    id_lists = [e.ids for e in encs]
+    n_tok = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(encs))
     conv_off = np.zeros(len(encs) + 1, dtype=np.int64)
     np.cumsum(n_tok, out=conv_off[1:])
-    ids = np.array(list(chain.from_iterable(e.ids for e in encs)), dtype=np.int32).reshape(-1)
+    ids = np.fromiter(chain.from_iterable(id_lists), dtype=np.int32, count=int(conv_off[-1]))
+    del id_lists
     labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
     stats = EncodeStats(conversations=len(encs))
     cuts: list[int] = []  # row boundaries, in flat positions: [s0, e0, s1, e1, ...]
     for i, enc in enumerate(encs):
         o, n, n_chars = int(conv_off[i]), int(n_tok[i]), len(texts[i])
-        for a, b in spans[i]:
-            ta = _first_token_at(enc, a, n_chars, n)
-            tb = _first_token_at(enc, b, n_chars, n)
-            labels[o + ta:o + tb] = ids[o + ta:o + tb]
+        sp = spans[i]
+        for j in range(0, len(sp), 2):
+            ta = o + _first_token_at(enc, sp[j], n_chars, n)
+            tb = o + _first_token_at(enc, sp[j + 1], n_chars, n)
+            labels[ta:tb] = ids[ta:tb]
         if n <= max_length:
             cuts += (o, o + n)
             continue
@@ -183,7 +187,7 @@ def encode_batch(backend: Any, conversations: list[list[dict[str, str]]], max_le
         (input_ids rows, labels rows, stats).
     """
     rendered = [render_chat(m, train_on_all=train_on_all) for m in conversations]
-    out = encode_rendered(backend, [r[0] for r in rendered], [r[1] for r in rendered], [r[2] for r in rendered],
-                          max_length)
+    out = encode_rendered(backend, [r[0] for r in rendered], [[x for ab in r[1] for x in ab] for r in rendered],
+                          [r[2] for r in rendered], max_length)
     ids, labels = out.rows()
     return ids, labels, out.stats

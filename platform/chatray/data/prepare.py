@@ -110,9 +110,8 @@ def _encode_shard(backend: Any, block: Any, max_length: int, chunk: int) -> tupl
     with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
         for lo in range(0, block.num_rows, chunk):
             part = block.slice(lo, chunk)
-            spans = [list(zip(f[::2], f[1::2])) for f in part.column("spans").to_pylist()]
-            enc = encode_rendered(backend, part.column("text").to_pylist(), spans, part.column("starts").to_pylist(),
-                                  max_length)
+            enc = encode_rendered(backend, part.column("text").to_pylist(), part.column("spans").to_pylist(),
+                                  part.column("starts").to_pylist(), max_length)
             offsets = pa.array(enc.offsets.astype(np.int32))
             writer.write_table(pa.table({
                 "input_ids": pa.ListArray.from_arrays(offsets, pa.array(enc.ids)),
