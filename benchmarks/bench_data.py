@@ -4,8 +4,9 @@ Generates a corpus of N conversations (default 50,000) by recombining chatterbot
 BPE tokenizer (excluded from both timings: it is passed to prepare as a folder), then measures in one run:
 
   baseline   tokenizers.Tokenizer.encode_batch over the rendered conversations (2 cores, Rust threads)
-  prepare    prepare_dataset() end to end: read + validate JSONL, Ray start-up, Ray Data tokenization,
-             label masks, Parquet shards, manifest; Ray start-up and first-batch time printed separately
+  prepare    prepare_dataset() end to end: Ray start-up, read + validate + render (Ray tasks for inputs over 4 MB),
+             Ray Data tokenization, label masks, Parquet shards, manifest; Ray start-up, reading and the Ray Data
+             stage printed separately
 and prints tokens/s for each and the ratio (target >= 0.5), plus how prepare scales with workers/shards.
 
     python benchmarks/bench_data.py [--conversations 50000] [--workers 1,2] [--shards 2]
@@ -89,7 +90,7 @@ def main() -> None:
             tps = tokens / total_s
             results.append((w, tps))
             print(f"prepare   workers={w} shards={m['counts']['shards']}: {tokens:,} tokens in {total_s:.1f}s "
-                  f"(Ray start-up {ray_s:.1f}s; Ray Data tokenization "
+                  f"(Ray start-up {ray_s:.1f}s; read + render {m['timing_s']['read']:.1f}s; Ray Data tokenization "
                   f"{m['timing_s']['encode']:.1f}s) -> {tps:,.0f} tokens/s; ratio vs baseline {tps / base_tps:.2f} "
                   f"incl. Ray start-up, {tokens / m['timing_s']['encode'] / base_tps:.2f} for the Ray Data stage alone")
             shutil.rmtree(out, ignore_errors=True)

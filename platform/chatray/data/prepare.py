@@ -164,8 +164,11 @@ class _Inputs:
     skipped: int
     errors: list[str]
     n_eval: int
-    table: Any  # pyarrow Table: text large_string, spans list<int32> (flat [start, end) pairs), starts list<int32>
+    table: Any  # pyarrow Table in input order: text large_string, spans list<int32> (flat [start, end) pairs),
+    # starts list<int32>
+    order: list[int]  # the seeded shuffle: row order[k] of ``table`` is the dataset's k-th (eval rows first)
     tokenizer: Any
+    tokenizer_s: float  # loading or training it
 
 
 def _read_rendered(part: Part, train_on_all: bool) -> tuple[Any, PartResult]:
@@ -209,12 +212,14 @@ def _assemble(inputs: list[str], files: list[InputFile], parts: list[Part], read
                            hint="add data or pass --eval-fraction 0")
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    table = table.take(pa.array(order, pa.int64()))
     t_tok = time.perf_counter()
-    texts = (t for chunk in table.column("text").chunks for t in chunk.to_pylist())
-    tok = load_tokenizer_spec(tokenizer, texts, max_length=max_length)
-    _say(progress, f"tokenizer {tokenizer}: vocab {len(tok)} ({time.perf_counter() - t_tok:.1f}s)")
-    return _Inputs([vars(s) for s in sources], skipped, errors, n_eval, table, tok)
+    texts = None
+    if tokenizer == "train" or tokenizer.startswith("train:"):
+        texts = table.column("text").to_pylist()
+    tok = load_tokenizer_spec(tokenizer, None if texts is None else (texts[i] for i in order), max_length=max_length)
+    tok_s = time.perf_counter() - t_tok
+    _say(progress, f"tokenizer {tokenizer}: vocab {len(tok)} ({tok_s:.1f}s)")
+    return _Inputs([vars(s) for s in sources], skipped, errors, n_eval, table, order, tok, tok_s)
 
 
 def _empty_shard(path: Path) -> None:
@@ -315,8 +320,9 @@ def prepare_dataset(
     loaded: _Inputs | None = None
     if total_bytes <= LOCAL_READ_BYTES:  # small: read here before Ray starts, so bad input is reported at once
         parts = split_parts(files, fmt)
-        loaded = _assemble(inputs, files, parts, [_read_rendered(p, train_on_all) for p in parts], eval_fraction,
-                           seed, tokenizer, max_length, progress)
+        read = [_read_rendered(p, train_on_all) for p in parts]
+        read_s = time.perf_counter() - t0
+        loaded = _assemble(inputs, files, parts, read, eval_fraction, seed, tokenizer, max_length, progress)
     started_ray = False
     tmp_root: Path | None = None
     staging: Path | None = None
@@ -333,8 +339,8 @@ def prepare_dataset(
             t_read = time.perf_counter()
             reader = ray.remote(num_cpus=1)(_read_rendered)
             read = ray.get([reader.remote(p, train_on_all) for p in parts])
-            _say(progress, f"read {total_bytes / 1e6:,.1f} MB in {len(parts)} Ray tasks "
-                 f"({time.perf_counter() - t_read:.1f}s)")
+            read_s = time.perf_counter() - t_read
+            _say(progress, f"read {total_bytes / 1e6:,.1f} MB in {len(parts)} Ray tasks ({read_s:.1f}s)")
             loaded = _assemble(inputs, files, parts, read, eval_fraction, seed, tokenizer, max_length, progress)
             del parts, read
         del files
@@ -352,7 +358,7 @@ def prepare_dataset(
                                               ("eval", 0, n_eval, eval_shards if n_eval else 0)):
             for k in range(n_shards):  # balanced and never empty (n_shards <= count)
                 lo, hi = first + k * count // n_shards, first + (k + 1) * count // n_shards
-                block = loaded.table.take(pa.array(range(lo, hi), pa.int64()))  # a copy: a slice would ship
+                block = loaded.table.take(pa.array(loaded.order[lo:hi], pa.int64()))  # a copy: a slice would ship
                 # the whole table's buffers to every task
                 blocks.append(block.append_column("split", pa.repeat(pa.scalar(split), hi - lo))
                               .append_column("shard", pa.repeat(pa.scalar(k, pa.int32()), hi - lo)))
@@ -436,7 +442,8 @@ def prepare_dataset(
                                 "are dropped (all counted here)",
             "sources": sources,
             "invalid_examples": errors[:20],
-            "timing_s": {"ray_start": round(ray_s, 3), "encode": round(enc_s, 3), "total": None},
+            "timing_s": {"read": round(read_s, 3), "tokenizer": round(loaded.tokenizer_s, 3),
+                         "ray_start": round(ray_s, 3), "encode": round(enc_s, 3), "total": None},
         }
         manifest["timing_s"]["total"] = round(time.perf_counter() - t0, 3)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

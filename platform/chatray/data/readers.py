@@ -22,6 +22,11 @@ from typing import Any, Literal
 
 from chatray.errors import ChatrayError
 
+try:
+    import orjson as _orjson
+except ImportError:  # optional: the standard library parses the same records, slower
+    _orjson = None
+
 __all__ = [
     "FORMATS",
     "ROLES",
@@ -165,14 +170,25 @@ def _records(path: Path, text: str, first_line: int = 1, lines_only: bool = Fals
                 yield f"{path}: record {i}", rec
             return
     for i, line in enumerate(text.splitlines(), first_line):
-        if not line.strip():
+        if not line or line.isspace():
             continue
         try:
-            rec = json.loads(line)
+            rec = _loads(line)
         except json.JSONDecodeError as e:
             yield f"{path}:line {i}", DataError(f"{path}:line {i}", f"malformed JSON ({e.msg} at column {e.colno})")
             continue
         yield f"{path}:line {i}", rec
+
+
+def _loads(line: str) -> Any:
+    """``json.loads`` of one JSONL line, through orjson when it is installed (several times faster); whatever orjson
+    refuses goes to ``json.loads``, so what parses and every error message stay exactly the standard library's."""
+    if _orjson is not None:
+        try:
+            return _orjson.loads(line)
+        except _orjson.JSONDecodeError:
+            pass
+    return json.loads(line)
 
 
 def _json_document(stripped: str) -> bool:
@@ -181,19 +197,26 @@ def _json_document(stripped: str) -> bool:
     return stripped.startswith("[") and not stripped.startswith("[\"")
 
 
+_ROLE_SET = frozenset(ROLES)
+
+
 def _check(where: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
     if not messages:
         raise DataError(where, "empty conversation (no messages)")
+    has_assistant = False
     for j, m in enumerate(messages):
-        if m["role"] not in ROLES:
-            raise DataError(where, f"message {j}: unknown role {m['role']!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(m["content"], str):
-            raise DataError(where, f"message {j}: content must be a string, got {type(m['content']).__name__}")
-        if not m["content"].strip():
-            raise DataError(where, f"message {j} ({m['role']}): empty content")
-        if m["role"] == "system" and j != 0:
+        role, content = m["role"], m["content"]
+        if not isinstance(role, str) or role not in _ROLE_SET:
+            raise DataError(where, f"message {j}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise DataError(where, f"message {j}: content must be a string, got {type(content).__name__}")
+        if not content or content.isspace():
+            raise DataError(where, f"message {j} ({role}): empty content")
+        if role == "assistant":
+            has_assistant = True
+        elif role == "system" and j != 0:
             raise DataError(where, f"message {j}: a system message may only come first")
-    if not any(m["role"] == "assistant" for m in messages):
+    if not has_assistant:
         raise DataError(where, "conversation has no assistant turn (nothing to learn from)")
     return messages
 
@@ -206,12 +229,13 @@ def _from_openai(where: str, rec: Any) -> list[dict[str, str]]:
         raise DataError(where, f"'messages' must be a list, got {type(msgs).__name__}")
     out = []
     for j, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise DataError(where, f"message {j}: expected an object with 'role' and 'content'")
-        for key in ("role", "content"):
-            if key not in m:
-                raise DataError(where, f"message {j}: missing '{key}'")
-        out.append({"role": m["role"], "content": m["content"]})
+        try:
+            out.append({"role": m["role"], "content": m["content"]})
+        except (KeyError, TypeError, IndexError):
+            if not isinstance(m, dict):
+                raise DataError(where, f"message {j}: expected an object with 'role' and 'content'") from None
+            key = "role" if "role" not in m else "content"
+            raise DataError(where, f"message {j}: missing '{key}'") from None
     return _check(where, out)
 
 
