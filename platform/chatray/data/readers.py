@@ -133,7 +133,7 @@ def detect_format(path: Path, text: str) -> str:
         elif isinstance(doc, dict):
             first = doc
     if first is None:
-        for i, line in enumerate(text.splitlines(), 1):
+        for i, line in enumerate(text.split("\n"), 1):  # "\n" only: see _records
             if line.strip():
                 try:
                     first = json.loads(line)
@@ -169,7 +169,9 @@ def _records(path: Path, text: str, first_line: int = 1, lines_only: bool = Fals
             for i, rec in enumerate(doc):
                 yield f"{path}: record {i}", rec
             return
-    for i, line in enumerate(text.splitlines(), first_line):
+    # Lines end at "\n" only: str.splitlines() would also cut at U+2028, U+0085, form feeds..., which JSON
+    # allows unescaped inside strings (json.dumps(..., ensure_ascii=False) writes them raw).
+    for i, line in enumerate(text.split("\n"), first_line):
         if not line or line.isspace():
             continue
         try:

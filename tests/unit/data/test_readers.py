@@ -197,3 +197,16 @@ def test_json_documents_and_yaml_are_never_split(tmp_path):
                        ("c.yml", "conversations:\n" + "- - hi\n  - hello\n" * 50)):
         parts, convs, src, _ = _split_read(_write(tmp_path / name, text), part_bytes=100)
         assert len(parts) == 1 and len(convs) == 50, name
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """U+2028, U+0085 and form feeds are legal unescaped inside JSON strings: they do not end a JSONL line."""
+    odd = "line\u2028separator, next\x85line, form\x0cfeed"
+    recs = [{"messages": [{"role": "user", "content": odd}, {"role": "assistant", "content": "ok\r"}]}] * 2
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\r\n{oops\r\n"
+    f = _write(tmp_path / "odd.jsonl", text)
+    with pytest.raises(DataError, match=r"odd.jsonl:line 3: malformed JSON"):
+        read_file(f)
+    convs, src = read_file(f, skip_invalid=True)
+    assert src.conversations == 2 and convs[1].messages[0]["content"] == odd
+    assert convs[1].source.endswith("odd.jsonl:line 2")
