@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,7 @@ def detect_format(path: Path, text: str) -> str:
         elif isinstance(doc, dict):
             first = doc
     if first is None:
-        for i, line in enumerate(text.split("\n"), 1):  # "\n" only: see _records
+        for i, line in enumerate(_LINE_END.split(text), 1):
             if line.strip():
                 try:
                     first = json.loads(line)
@@ -150,9 +151,18 @@ def detect_format(path: Path, text: str) -> str:
                     "or 'conversations', or a list of turns); pass --format")
 
 
-def _records(path: Path, text: str, first_line: int = 1, lines_only: bool = False) -> Iterator[tuple[str, Any]]:
-    """(location, record) pairs of a JSON array/object file or a JSONL file (or a run of JSONL lines starting
-    at line ``first_line`` when ``lines_only``)."""
+_LINE_END = re.compile(r"\r\n|\r|\n")  # not str.splitlines(): U+2028, U+0085... are legal inside JSON strings
+
+
+def _count_line_ends(data: bytes, start: int = 0, end: int | None = None) -> int:
+    """Line ends in ``data[start:end]`` as :data:`_LINE_END` counts them (\\r\\n, \\r or \\n)."""
+    return data.count(b"\n", start, end) + data.count(b"\r", start, end) - data.count(b"\r\n", start, end)
+
+
+def _records(path: Path, text: str, first_line: int = 1,
+             lines_only: bool = False) -> Iterator[tuple[str, Any, str | None]]:
+    """(location, record, JSONL line or None) of a JSON array/object file or a JSONL file (or a run of JSONL lines
+    starting at line ``first_line`` when ``lines_only``)."""
     stripped = text.lstrip()
     if not lines_only and (path.suffix.lower() == ".json" or _json_document(stripped)):
         try:
@@ -167,19 +177,18 @@ def _records(path: Path, text: str, first_line: int = 1, lines_only: bool = Fals
             if not isinstance(doc, list):
                 raise DataError(str(path), f"top level must be a list of records, got {type(doc).__name__}")
             for i, rec in enumerate(doc):
-                yield f"{path}: record {i}", rec
+                yield f"{path}: record {i}", rec, None
             return
-    # Lines end at "\n" only: str.splitlines() would also cut at U+2028, U+0085, form feeds..., which JSON
-    # allows unescaped inside strings (json.dumps(..., ensure_ascii=False) writes them raw).
-    for i, line in enumerate(text.split("\n"), first_line):
+    for i, line in enumerate(_LINE_END.split(text), first_line):
         if not line or line.isspace():
             continue
         try:
             rec = _loads(line)
         except json.JSONDecodeError as e:
-            yield f"{path}:line {i}", DataError(f"{path}:line {i}", f"malformed JSON ({e.msg} at column {e.colno})")
+            yield (f"{path}:line {i}",
+                   DataError(f"{path}:line {i}", f"malformed JSON ({e.msg} at column {e.colno})"), line)
             continue
-        yield f"{path}:line {i}", rec
+        yield f"{path}:line {i}", rec, line
 
 
 def _loads(line: str) -> Any:
@@ -276,7 +285,7 @@ def _from_turns(where: str, rec: Any, *, coerce_scalars: bool = False) -> list[d
     return _check(where, out)
 
 
-def _chatterbot_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
+def _chatterbot_records(path: Path, text: str) -> Iterator[tuple[str, Any, None]]:
     import yaml
 
     try:
@@ -291,7 +300,7 @@ def _chatterbot_records(path: Path, text: str) -> Iterator[tuple[str, Any]]:
     if not isinstance(convs, list):
         raise DataError(str(path), "'conversations' must be a list of lists of turns")
     for i, c in enumerate(convs):
-        yield f"{path}: conversation {i}", c
+        yield f"{path}: conversation {i}", c, None
 
 
 @dataclass
@@ -314,6 +323,7 @@ class Part:
     data: bytes
     fmt: str  # "auto" only for a whole file
     first_line: int = 1
+    offset: int = 0  # of data's first byte in the file
     lines_only: bool = False
     skip_invalid: bool = False
 
@@ -328,6 +338,7 @@ class PartResult:
     skipped: int = 0
     errors: list[str] = field(default_factory=list)  # skipped records' messages
     error: DataError | None = None  # the first bad record (reading stopped there), or a file-level problem
+    undecodable: bool = False  # ``error`` is invalid UTF-8: reported before any record error of the file
 
 
 def read_part(part: Part) -> PartResult:
@@ -339,8 +350,9 @@ def read_part(part: Part) -> PartResult:
         try:
             text = part.data.decode("utf-8-sig" if part.first_line == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            line = part.first_line + part.data[: e.start].count(b"\n")
-            raise DataError(f"{path}:line {line}", f"not valid UTF-8 (byte {e.start}: {e.reason}); "
+            res.undecodable = True
+            line = part.first_line + _count_line_ends(part.data, 0, e.start)
+            raise DataError(f"{path}:line {line}", f"not valid UTF-8 (byte {part.offset + e.start}: {e.reason}); "
                             "re-encode the file as UTF-8") from e
         if not part.lines_only and not text.strip():
             raise DataError(str(path), "file is empty")
@@ -352,11 +364,19 @@ def read_part(part: Part) -> PartResult:
             raise ChatrayError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
         records = (_chatterbot_records(path, text) if fmt == "chatterbot"
                    else _records(path, text, part.first_line, part.lines_only))
-        for where, rec in records:
+        for where, rec, line in records:
             try:
                 if isinstance(rec, DataError):
                     raise rec
-                out.append(Conversation(parse(where, rec), where))
+                try:
+                    messages = parse(where, rec)
+                except DataError:
+                    if line is None or _orjson is None:
+                        raise
+                    # orjson reads a few things differently (integers past 64 bits become floats): the standard
+                    # library's reading of the line names what is wrong, exactly as without orjson.
+                    messages = parse(where, json.loads(line))
+                out.append(Conversation(messages, where))
             except DataError as e:
                 if not part.skip_invalid:
                     raise
@@ -368,15 +388,19 @@ def read_part(part: Part) -> PartResult:
     return res
 
 
+_LEADING_SPACE = re.compile(rb"[ \t\r\n]*")
+
+
 def split_parts(files: list[InputFile], fmt: str, part_bytes: int | None = None) -> list[Part]:
     """Cut the inputs into parts for parallel readers: a JSONL file larger than ``part_bytes`` becomes runs of
     whole lines of about that size (format detected once from its first run); any other file is one part."""
     parts: list[Part] = []
     for k, f in enumerate(files):
         data = f.data
-        head = data[:3].removeprefix(b"\xef\xbb\xbf") + data[3:64]
+        first = _LEADING_SPACE.match(data, 3 if data.startswith(b"\xef\xbb\xbf") else 0).end()
         splittable = (part_bytes is not None and len(data) > part_bytes and f.path.suffix.lower() == ".jsonl"
-                      and fmt != "chatterbot" and not _json_document(head.lstrip().decode("utf-8", "replace")))
+                      and fmt != "chatterbot" and first < len(data)  # not blank: that is "file is empty"
+                      and not _json_document(data[first:first + 2].decode("utf-8", "replace")))
         cuts = [0]
         if splittable:
             n = -(-len(data) // part_bytes)
@@ -393,9 +417,9 @@ def split_parts(files: list[InputFile], fmt: str, part_bytes: int | None = None)
                 cuts = [0, len(data)]
         line = 1
         for a, b in zip(cuts, cuts[1:]):
-            parts.append(Part(k, f.path, data[a:b], file_fmt, first_line=line, lines_only=len(cuts) > 2,
+            parts.append(Part(k, f.path, data[a:b], file_fmt, first_line=line, offset=a, lines_only=len(cuts) > 2,
                               skip_invalid=f.skip_invalid))
-            line += data.count(b"\n", a, b)
+            line += _count_line_ends(data, a, b)
     return parts
 
 
@@ -406,9 +430,12 @@ def merge_parts(files: list[InputFile], parts: list[Part], results: list[PartRes
     Raises:
         DataError: the earliest bad record in input order (what reading the files one by one would raise).
     """
-    for r in results:
-        if r.error is not None:
-            raise r.error
+    first: dict[int, PartResult] = {}  # per file: the part with its first error, invalid UTF-8 ahead of the rest
+    for p, r in zip(parts, results):
+        if r.error is not None and (p.file not in first or r.undecodable and not first[p.file].undecodable):
+            first[p.file] = r
+    if first:
+        raise first[min(first)].error  # type: ignore[misc]
     sources = [SourceFile(path=str(f.path), sha256=hashlib.sha256(f.data).hexdigest(), format="") for f in files]
     for p, r in zip(parts, results):
         s = sources[p.file]
@@ -434,7 +461,11 @@ def load_inputs(inputs: list[str], skip_invalid: bool = False) -> list[InputFile
         # The bundled corpus has a few malformed records of its own (e.g. a bare string where a list of
         # turns belongs): those are always skipped and counted, never fatal.
         in_corpus = bundled is not None and f.resolve().is_relative_to(bundled)
-        out.append(InputFile(f, f.read_bytes(), skip_invalid or in_corpus))
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise ChatrayError(f"{f}: cannot read ({e.strerror or e})") from e
+        out.append(InputFile(f, data, skip_invalid or in_corpus))
     return out
 
 

@@ -142,7 +142,9 @@ def load_pretrained_tokenizer(name_or_path: str, max_length: int | None = None) 
         ChatrayError: when it cannot be loaded (names the id/path and whether the hub was reachable).
     """
     try:
-        tok = _tokenizer_class(name_or_path).from_pretrained(name_or_path, use_fast=True)
+        cls = _tokenizer_class(name_or_path)
+        # use_fast only where AutoTokenizer takes it: a concrete class would store it in tokenizer_config.json.
+        tok = cls.from_pretrained(name_or_path, **({"use_fast": True} if cls.__name__ == "AutoTokenizer" else {}))
     except Exception as e:  # OSError, ValueError, hub errors: all mean "could not load"
         raise ChatrayError(f"cannot load tokenizer {name_or_path!r}: {str(e).splitlines()[0]}",
                            hint="use a local folder (save_pretrained) or check network access to the model hub; "

@@ -199,14 +199,65 @@ def test_json_documents_and_yaml_are_never_split(tmp_path):
         assert len(parts) == 1 and len(convs) == 50, name
 
 
-def test_jsonl_lines_end_at_newline_only(tmp_path):
-    """U+2028, U+0085 and form feeds are legal unescaped inside JSON strings: they do not end a JSONL line."""
-    odd = "line\u2028separator, next\x85line, form\x0cfeed"
-    recs = [{"messages": [{"role": "user", "content": odd}, {"role": "assistant", "content": "ok\r"}]}] * 2
-    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\r\n{oops\r\n"
-    f = _write(tmp_path / "odd.jsonl", text)
-    with pytest.raises(DataError, match=r"odd.jsonl:line 3: malformed JSON"):
+def test_jsonl_line_ends(tmp_path):
+    """Lines end at \\n, \\r\\n or \\r; U+2028 and U+0085 are legal unescaped inside JSON strings and end nothing."""
+    odd = "line\u2028separator, next\x85line"
+    recs = [{"messages": [{"role": "user", "content": odd}, {"role": "assistant", "content": "ok"}]}] * 2
+    lines = [json.dumps(r, ensure_ascii=False) for r in recs] + ['{"a": "abc']
+    assert "\u2028" in lines[0] and "\x85" in lines[0]  # written raw
+    errors = {}
+    for name, sep in (("lf", "\n"), ("crlf", "\r\n"), ("cr", "\r")):
+        f = _write(tmp_path / f"{name}.jsonl", sep.join(lines) + sep)
+        with pytest.raises(DataError, match=rf"{name}.jsonl:line 3: malformed JSON") as ei:
+            read_file(f)
+        errors[name] = ei.value.reason
+        convs, src = read_file(f, skip_invalid=True)
+        assert src.conversations == 2 and convs[1].messages[0]["content"] == odd
+        assert convs[1].source.endswith(f"{name}.jsonl:line 2")
+    assert errors["lf"] == errors["crlf"] == errors["cr"]  # same message, same column
+
+
+def test_orjson_reads_report_what_the_standard_library_would(tmp_path):
+    """orjson turns integers past 64 bits into floats; the error still names them as the standard library reads them."""
+    f = _write(tmp_path / "big.jsonl", '{"messages": [{"role": "user", "content": 18446744073709551616}]}\n')
+    with pytest.raises(DataError, match=r"big.jsonl:line 1: message 0: content must be a string, got int"):
         read_file(f)
-    convs, src = read_file(f, skip_invalid=True)
-    assert src.conversations == 2 and convs[1].messages[0]["content"] == odd
-    assert convs[1].source.endswith("odd.jsonl:line 2")
+
+
+def test_split_parts_utf8_error_names_the_files_byte_and_comes_first(tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    lines = [good] * 120
+    lines[10] = '{"messages": []}'  # a record error in an early part...
+    data = ("\n".join(lines) + "\n").encode() + b'{"x": "caf\xe9"}\n'  # ...and invalid UTF-8 in the last one
+    f = _write(tmp_path / "enc.jsonl", data)
+    bad_byte = data.index(b"\xe9")
+    for part_bytes in (None, 500):
+        with pytest.raises(DataError) as ei:
+            _split_read(f, part_bytes=part_bytes) if part_bytes else read_file(f)
+        assert str(ei.value).startswith(f"{f}:line 121: not valid UTF-8 (byte {bad_byte}:"), str(ei.value)
+
+
+def test_large_json_document_or_blank_jsonl_is_never_split(tmp_path):
+    rec = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    f = _write(tmp_path / "doc.jsonl", " \n" * 100 + json.dumps([rec] * 40, indent=1))
+    parts, convs, _, _ = _split_read(f, part_bytes=200)
+    assert len(parts) == 1 and len(convs) == 40
+    blank = _write(tmp_path / "blank.jsonl", " \n" * 500)
+    with pytest.raises(DataError, match="blank.jsonl: file is empty"):
+        _split_read(blank, part_bytes=100, fmt="openai")
+
+
+def test_unreadable_input_is_a_clear_error(tmp_path, monkeypatch):
+    from chatray.data.readers import load_inputs
+
+    f = _write(tmp_path / "a.jsonl", "{}")
+    real = Path.read_bytes
+
+    def deny(self):
+        if self.name == "a.jsonl":
+            raise PermissionError(13, "Permission denied")
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+    with pytest.raises(ChatrayError, match=r"a.jsonl: cannot read \(Permission denied\)"):
+        load_inputs([str(f)])

@@ -163,3 +163,26 @@ def test_first_token_at_matches_full_offsets(tok, text):
     for pos in range(len(text) + 2):
         want = int(np.searchsorted(starts, pos, side="left")) if pos < len(text) else len(enc.ids)
         assert _first_token_at(enc, pos, len(text), len(enc.ids)) == want, (text, pos)
+
+
+def test_folder_tokenizers_load_like_autotokenizer(tok, gpt2_folder, tmp_path):
+    """Local folders load with their own class (no torch import), giving what AutoTokenizer gives: same class, same
+    saved files."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from chatray.data.tokenizer import _finish
+
+    trained = tmp_path / "trained"
+    tok.save_pretrained(trained)
+    for folder in (trained, gpt2_folder):
+        ours = load_pretrained_tokenizer(str(folder), max_length=64)
+        auto = _finish(AutoTokenizer.from_pretrained(str(folder), use_fast=True), 64)
+        assert type(ours) is type(auto), folder
+        ours.save_pretrained(tmp_path / "ours")
+        auto.save_pretrained(tmp_path / "auto")
+        for name in ("tokenizer_config.json", "tokenizer.json"):
+            a = json.loads((tmp_path / "ours" / name).read_text())
+            b = json.loads((tmp_path / "auto" / name).read_text())
+            assert a == b, (folder, name)
