@@ -134,7 +134,7 @@ def detect_format(path: Path, text: str) -> str:
         elif isinstance(doc, dict):
             first = doc
     if first is None:
-        for i, line in enumerate(_LINE_END.split(text), 1):
+        for i, line in enumerate(_lines(text), 1):
             if line.strip():
                 try:
                     first = json.loads(line)
@@ -152,6 +152,11 @@ def detect_format(path: Path, text: str) -> str:
 
 
 _LINE_END = re.compile(r"\r\n|\r|\n")  # not str.splitlines(): U+2028, U+0085... are legal inside JSON strings
+
+
+def _lines(text: str) -> list[str]:
+    """``text`` cut at :data:`_LINE_END` (plain ``str.split`` when there is no \\r: six times faster)."""
+    return _LINE_END.split(text) if "\r" in text else text.split("\n")
 
 
 def _count_line_ends(data: bytes, start: int = 0, end: int | None = None) -> int:
@@ -179,7 +184,7 @@ def _records(path: Path, text: str, first_line: int = 1,
             for i, rec in enumerate(doc):
                 yield f"{path}: record {i}", rec, None
             return
-    for i, line in enumerate(_LINE_END.split(text), first_line):
+    for i, line in enumerate(_lines(text), first_line):
         if not line or line.isspace():
             continue
         try:
