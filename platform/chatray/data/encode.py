@@ -23,7 +23,7 @@ import numpy as np
 
 from chatray.data.tokenizer import render_chat
 
-__all__ = ["IGNORE_INDEX", "EncodeStats", "EncodedRows", "encode_batch", "encode_rendered"]
+__all__ = ["IGNORE_INDEX", "EncodeStats", "EncodedRows", "encode_batch", "encode_rendered", "render_batch"]
 
 IGNORE_INDEX = -100
 
@@ -179,6 +179,18 @@ def encode_rendered(backend: Any, texts: list[str], spans: list[list[int]], star
     return EncodedRows(ids, labels, offsets, stats)
 
 
+def render_batch(conversations: list[list[dict[str, str]]],
+                 train_on_all: bool = False) -> tuple[list[str], list[list[int]], list[list[int]]]:
+    """Render message lists for :func:`encode_rendered`: (texts, flat loss spans, message starts)."""
+    texts, spans, starts = [], [], []
+    for messages in conversations:
+        text, sp, st = render_chat(messages, train_on_all=train_on_all)
+        texts.append(text)
+        spans.append([x for ab in sp for x in ab])
+        starts.append(st)
+    return texts, spans, starts
+
+
 def encode_batch(backend: Any, conversations: list[list[dict[str, str]]], max_length: int,
                  train_on_all: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], EncodeStats]:
     """Render and tokenize a batch of conversations (message lists); see :func:`encode_rendered`.
@@ -186,8 +198,6 @@ def encode_batch(backend: Any, conversations: list[list[dict[str, str]]], max_le
     Returns:
         (input_ids rows, labels rows, stats).
     """
-    rendered = [render_chat(m, train_on_all=train_on_all) for m in conversations]
-    out = encode_rendered(backend, [r[0] for r in rendered], [[x for ab in r[1] for x in ab] for r in rendered],
-                          [r[2] for r in rendered], max_length)
+    out = encode_rendered(backend, *render_batch(conversations, train_on_all), max_length)
     ids, labels = out.rows()
     return ids, labels, out.stats

@@ -25,9 +25,9 @@ from typing import Any
 from chatray import __version__
 from chatray.data.corpus import DEMO_INPUTS
 from chatray.data.dataset import FORMAT_VERSION, MANIFEST
-from chatray.data.encode import EncodeStats
+from chatray.data.encode import EncodeStats, render_batch
 from chatray.data.readers import FORMATS, InputFile, Part, PartResult, load_inputs, merge_parts, read_part, split_parts
-from chatray.data.tokenizer import CHAT_TEMPLATE, load_tokenizer_spec, render_chat, tokenizer_fingerprint
+from chatray.data.tokenizer import CHAT_TEMPLATE, load_tokenizer_spec, tokenizer_fingerprint
 from chatray.errors import ChatrayError
 from chatray.storage.uri import exists, filesystem_for, is_remote, join
 
@@ -160,8 +160,7 @@ def _ensure_ray(progress: bool) -> bool:
 class _Inputs:
     """The driver-side result of reading: conversations rendered, shuffled and split (eval rows first)."""
 
-    sources: list[Any]
-    skipped: int
+    sources: list[dict[str, Any]]  # per input file (SourceFile fields), for the manifest
     errors: list[str]
     n_eval: int
     table: Any  # pyarrow Table in input order: text large_string, spans list<int32> (flat [start, end) pairs),
@@ -180,12 +179,7 @@ def _read_rendered(part: Part, train_on_all: bool) -> tuple[Any, PartResult]:
     import pyarrow as pa
 
     res = read_part(part)
-    texts, spans, starts = [], [], []
-    for c in res.conversations:
-        text, sp, st = render_chat(c.messages, train_on_all=train_on_all)
-        texts.append(text)
-        spans.append([x for ab in sp for x in ab])
-        starts.append(st)
+    texts, spans, starts = render_batch([c.messages for c in res.conversations], train_on_all)
     res.conversations = []
     return pa.table({"text": pa.array(texts, pa.large_string()), "spans": pa.array(spans, pa.list_(pa.int32())),
                      "starts": pa.array(starts, pa.list_(pa.int32()))}), res
@@ -219,7 +213,7 @@ def _assemble(inputs: list[str], files: list[InputFile], parts: list[Part], read
     tok = load_tokenizer_spec(tokenizer, None if texts is None else (texts[i] for i in order), max_length=max_length)
     tok_s = time.perf_counter() - t_tok
     _say(progress, f"tokenizer {tokenizer}: vocab {len(tok)} ({tok_s:.1f}s)")
-    return _Inputs([vars(s) for s in sources], skipped, errors, n_eval, table, order, tok, tok_s)
+    return _Inputs([vars(s) for s in sources], errors, n_eval, table, order, tok, tok_s)
 
 
 def _empty_shard(path: Path) -> None:
@@ -344,8 +338,7 @@ def prepare_dataset(
             loaded = _assemble(inputs, files, parts, read, eval_fraction, seed, tokenizer, max_length, progress)
             del parts, read
         del files
-        tok, n_eval, sources, skipped, errors = (loaded.tokenizer, loaded.n_eval, loaded.sources, loaded.skipped,
-                                                 loaded.errors)
+        tok, n_eval, sources, errors = loaded.tokenizer, loaded.n_eval, loaded.sources, loaded.errors
         import pyarrow as pa
 
         workers = num_workers or cpus
@@ -429,7 +422,7 @@ def prepare_dataset(
             "splits": split_info,
             "counts": {
                 "conversations": n_train + n_eval,
-                "invalid_skipped": skipped,
+                "invalid_skipped": sum(s["skipped"] for s in sources),
                 "rows": stats.rows,
                 "tokens": stats.tokens,
                 "split_conversations": stats.split_conversations,

@@ -474,6 +474,15 @@ def load_inputs(inputs: list[str], skip_invalid: bool = False) -> list[InputFile
     return out
 
 
+def _read_here(files: list[InputFile], fmt: str,
+               errors: list[str] | None) -> tuple[list[Conversation], list[SourceFile]]:
+    """Read ``files`` whole, in this process: their conversations in order and the per-file records."""
+    parts = split_parts(files, fmt)
+    results = [read_part(p) for p in parts]
+    sources = merge_parts(files, parts, results, errors)
+    return [c for r in results for c in r.conversations], sources
+
+
 def read_file(path: Path, fmt: str = "auto", *, skip_invalid: bool = False,
               errors: list[str] | None = None) -> tuple[list[Conversation], SourceFile]:
     """Read one file into conversations.
@@ -490,11 +499,8 @@ def read_file(path: Path, fmt: str = "auto", *, skip_invalid: bool = False,
     Raises:
         DataError: the first bad record (unless ``skip_invalid``), or a file-level problem.
     """
-    files = [InputFile(path, path.read_bytes(), skip_invalid)]
-    parts = split_parts(files, fmt)
-    results = [read_part(p) for p in parts]
-    (src,) = merge_parts(files, parts, results, errors)
-    return results[0].conversations, src
+    convs, (src,) = _read_here([InputFile(path, path.read_bytes(), skip_invalid)], fmt, errors)
+    return convs, src
 
 
 def iter_conversations(inputs: list[str], fmt: str = "auto", *, skip_invalid: bool = False,
@@ -504,11 +510,7 @@ def iter_conversations(inputs: list[str], fmt: str = "auto", *, skip_invalid: bo
     Raises:
         DataError / ChatrayError: see :func:`read_file`; also when no conversation at all was read.
     """
-    files = load_inputs(inputs, skip_invalid)
-    parts = split_parts(files, fmt)
-    results = [read_part(p) for p in parts]
-    sources = merge_parts(files, parts, results, errors)
-    convs = [c for r in results for c in r.conversations]
+    convs, sources = _read_here(load_inputs(inputs, skip_invalid), fmt, errors)
     if not convs:
         raise ChatrayError(f"no valid conversations in {', '.join(map(str, inputs))}",
                            hint="check the files and --format")
