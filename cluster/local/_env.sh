@@ -31,7 +31,8 @@ if [[ -x "$CHATRAY_REPO/.venv/bin/python" ]]; then
 else
     PY="$(command -v python3 || command -v python || true)"
 fi
-if [[ -z "$PY" ]] || ! "$PY" -c "import ray" >/dev/null 2>&1; then
+# find_spec, not `import ray`: importing Ray takes seconds, and every script would pay it just to check.
+if [[ -z "$PY" ]] || ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('ray') is None)" >/dev/null 2>&1; then
     echo "error: no Python with Ray found (neither $CHATRAY_REPO/.venv/bin/python nor python3 on PATH)" >&2
     echo "hint: run \`make setup\` in $CHATRAY_REPO, or pip install 'ray[default,serve]'" >&2
     exit 1

@@ -5,7 +5,7 @@
 # (so replicas drain and the HTTP proxy lets go of its port), then stops this cluster's Ray processes.
 #
 # Only this cluster's processes are stopped (those started with this CHATRAY_RAY_TEMP_DIR: SIGTERM, then SIGKILL
-# after 16 s); other Ray instances on the machine (a notebook's ray.init(), another project's cluster) keep
+# for what is left, 16 s in all); other Ray instances on the machine (a notebook's ray.init(), another project's cluster) keep
 # running. `--all` runs plain `ray stop` instead, which stops every Ray process of this user on the machine.
 # Same code as `chatray down --force`: python -m chatray.localcluster stop.
 set -euo pipefail

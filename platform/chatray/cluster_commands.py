@@ -30,8 +30,8 @@ def up(num_cpus: int | None) -> None:
 def down(force: bool) -> None:
     """Shut down Serve and stop the local Ray cluster that `chatray up` / `make demo` started.
 
-    Only that cluster's processes are stopped (found by its Ray temp dir; SIGTERM, then SIGKILL after 16 s);
-    a notebook's ray.init(), a test suite's Ray or another cluster on the machine keep running.
+    Only that cluster's processes are stopped (found by its Ray temp dir; SIGTERM, then SIGKILL for what is left,
+    16 s in all); a notebook's ray.init(), a test suite's Ray or another cluster on the machine keep running.
     """
     from chatray.localcluster import stop_local_cluster
 

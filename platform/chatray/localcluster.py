@@ -178,17 +178,21 @@ def ray_auth_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """
     out = dict(os.environ if env is None else env)
     if "RAY_AUTH_MODE" not in out:
-        token_file = Path(out.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-        if out.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        if out.get("RAY_AUTH_TOKEN") or _token_file(out).is_file():
             out["RAY_AUTH_MODE"] = "token"
     return out
+
+
+def _token_file(env: Mapping[str, str]) -> Path:
+    """Where Ray looks for the token file: ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
+    return Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
 
 
 def ray_auth_headers() -> dict[str, str]:
     """``Authorization: Bearer <token>`` for Ray's HTTP APIs when a token is available, else ``{}``."""
     env = ray_auth_env()
     token = env.get("RAY_AUTH_TOKEN")
-    path = Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    path = _token_file(env)
     if not token and path.is_file():
         token = path.read_text(encoding="utf-8").strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -198,20 +202,19 @@ def _token_location(env: Mapping[str, str]) -> str:
     """Where the token lives, for messages (the token itself is never printed)."""
     if env.get("RAY_AUTH_TOKEN"):
         return "the RAY_AUTH_TOKEN environment variable"
-    return str(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    return str(_token_file(env))
 
 
 def _ensure_token(env: Mapping[str, str], echo: Echo) -> None:
     """Make sure a token exists: `ray start --head` then turns token auth on, and clients here read the same."""
     if env.get("RAY_AUTH_TOKEN"):
         return
+    path = _token_file(env)
     if env.get("RAY_AUTH_TOKEN_PATH"):
-        path = Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser()
         if not path.is_file() or path.stat().st_size == 0:
             raise ChatrayError(f"RAY_AUTH_TOKEN_PATH={path} does not exist or is empty",
                                hint="unset it to use ~/.ray/auth_token (created for you), or write a token there")
         return
-    path = Path.home() / ".ray" / "auth_token"
     if path.is_file() and path.stat().st_size > 0:
         return
     echo(f"creating a Ray authentication token in {path} (ray get-auth-token --generate)")
@@ -735,13 +738,14 @@ def stop_local_cluster(force: bool = False, cluster: LocalCluster | None = None,
         if echo:
             echo(line)
 
+    state = _read_state()
     if cluster is None:
         cluster = LocalCluster.from_env()
-        record = _read_state().get(str(cluster.ray_temp_dir))
+        record = state.get(str(cluster.ray_temp_dir))
         if record:
             cluster = _cluster_from_record(record)
     temp = cluster.ray_temp_dir
-    recorded = str(temp) in _read_state()
+    recorded = str(temp) in state
     if every_ray:
         if cluster_alive(cluster):
             say(_shutdown_serve(cluster))
