@@ -11,6 +11,8 @@ For a tiny and a GPT-2-124M-config checkpoint (random weights, built here: nothi
     python benchmarks/bench_serve.py                 # both models (several minutes on 2 CPU cores)
     python benchmarks/bench_serve.py --quick         # tiny model only, fewer requests
 
+The Serve data plane is chatray's (chatray.serve.dataplane: RAY_SERVE_THROUGHPUT_OPTIMIZED with Serve's proxy
+kept), as for the Ray that ``chatray serve`` starts; ``--stock-serve`` measures Ray's stock one instead.
 Both sides use the same number of torch threads (``--threads``, default 1: on a shared 2-core machine
 more threads than free cores makes small matmuls much slower, for the replica and the baseline alike).
 Prints a table and a final JSON line.
@@ -195,7 +197,16 @@ def main() -> None:
     ap.add_argument("--requests-each", type=int, default=2)
     ap.add_argument("--sequential", type=int, default=6, help="requests for the one-client-at-a-time baseline")
     ap.add_argument("--no-cli-cold-start", action="store_true")
+    ap.add_argument("--stock-serve", action="store_true",
+                    help="Ray's stock Serve data plane (RAY_SERVE_THROUGHPUT_OPTIMIZED=0) instead of chatray's")
     args = ap.parse_args()
+    from chatray.serve.dataplane import apply_serve_env
+
+    if args.stock_serve:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "0"
+    apply_serve_env()  # what `chatray serve` and `chatray cluster start` give the Ray they start
+    dataplane = "stock" if os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" else "throughput-optimized"
+    print(f"Serve data plane: {dataplane}", flush=True)
     if args.quick:
         args.runs, args.sequential, args.requests_each = 5, 4, 1
 
@@ -220,7 +231,7 @@ def main() -> None:
             serve.shutdown()
             ray.shutdown()
         result = {"models": rows, "targets": {"overhead_ratio": "<= 1.10", "batching_ratio": ">= 4"},
-                  "threads": args.threads, "new_tokens": NEW_TOKENS, "clients": args.clients}
+                  "threads": args.threads, "new_tokens": NEW_TOKENS, "clients": args.clients, "dataplane": dataplane}
         if not args.no_cli_cold_start and not args.quick:
             cold = round(chatray_serve_cold_start(ckpts["tiny"], free_port()), 1)
             result["chatray_serve_start_to_first_200_s"] = cold

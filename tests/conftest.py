@@ -100,6 +100,11 @@ def ray_session():
         return
     # Let ray.init() pick the auth mode of the cluster it starts (a Jobs client may have set token mode).
     os.environ.pop("RAY_AUTH_MODE", None)
+    # The Serve data plane chatray's own Ray starts use (RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the environment
+    # runs the suite on Ray's stock one instead).
+    from chatray.serve.dataplane import apply_serve_env
+
+    apply_serve_env()
     # address="local": always a fresh in-process cluster, never one started by `ray start` on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})

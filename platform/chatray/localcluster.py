@@ -39,6 +39,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from chatray.errors import ChatrayError
+from chatray.serve.dataplane import serve_env
 
 __all__ = [
     "MARKER_ENV",
@@ -227,7 +228,8 @@ def _ensure_token(env: Mapping[str, str], echo: Echo) -> None:
 
 
 def _ray_env(cluster: LocalCluster, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of ``ray start``: token auth on, this Python first on PATH, the cluster's marker."""
+    """The environment of ``ray start``: token auth on, Serve's data plane settings, this Python first on PATH,
+    the cluster's marker."""
     env = {**os.environ, **(extra_env or {})}
     mode = env.get("RAY_AUTH_MODE") or "token"
     if mode.lower() != "token":
@@ -236,6 +238,7 @@ def _ray_env(cluster: LocalCluster, extra_env: Mapping[str, str] | None = None) 
     env["RAY_AUTH_MODE"] = "token"
     env.pop("RAY_ADDRESS", None)
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env = serve_env(env)  # Serve's gRPC data plane, unless the caller's environment says otherwise
     # Job drivers run `python ...` from the raylet's PATH: make that this environment's Python (the venv).
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if sys.prefix != sys.base_prefix:

@@ -52,6 +52,12 @@ def test_start_then_stop_only_the_clusters_processes(tmp_path, monkeypatch):
         procs = cluster_processes(temp)
         names = {p.name() for p in procs}
         assert {"gcs_server", "raylet"} <= names, names
+        # chatray's Serve data plane reaches the cluster: Serve's processes inherit the raylet's environment.
+        from chatray.serve.dataplane import SERVE_ENV, serve_env
+
+        raylet_env = next(p for p in procs if p.name() == "raylet").environ()
+        expected = serve_env(dict(os.environ))  # the defaults, or what this test's environment sets instead
+        assert {k: raylet_env.get(k) for k in SERVE_ENV} == {k: expected[k] for k in SERVE_ENV}
         assert not {b.pid for b in bystanders} & {p.pid for p in procs}
 
         t = time.monotonic()

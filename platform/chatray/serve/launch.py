@@ -129,6 +129,9 @@ def serve_foreground(config: str | Path | None = None, *, checkpoint: str | None
 
     started_ray = not ray.is_initialized()
     if started_ray:
+        from chatray.serve.dataplane import apply_serve_env
+
+        apply_serve_env()  # reaches Serve only when this ray.init() starts a new local Ray
         ray.init(address=address, include_dashboard=False,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     if block:
@@ -155,18 +158,4 @@ def serve_foreground(config: str | Path | None = None, *, checkpoint: str | None
             serve.shutdown()
             if started_ray:
                 ray.shutdown()
-    return url
-    print(f"chatray: serving {parsed.checkpoint} at {url}  (OpenAI API at {url}/v1; Ctrl-C stops)", flush=True)
-    # Ctrl-C and `kill` (SIGTERM, as from a process manager) both shut down cleanly, even when the shell
-    # started us in the background with SIGINT ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        print("chatray: shutting down", flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return url

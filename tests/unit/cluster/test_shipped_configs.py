@@ -340,6 +340,15 @@ def test_kuberay_cluster_has_token_auth_autoscaling_gpus_and_one_image(path: Pat
     assert {6379, 8265, 8000} <= head_ports
 
 
+@pytest.mark.parametrize("path", MANIFESTS, ids=_rel)
+def test_kuberay_ray_containers_get_chatrays_serve_data_plane(path: Path):
+    from chatray.serve.dataplane import SERVE_ENV
+
+    for c in _containers(_cluster_spec(_load(path))):
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, c["name"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Ray cluster launcher (AWS)
 
@@ -369,8 +378,13 @@ def test_launcher_yaml_has_gpu_autoscaling_token_auth_and_installs_chatray():
     assert "GPU" not in head.get("resources", {})
     # Every node authenticates with the same token, copied from the launching machine.
     assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    from chatray.serve.dataplane import SERVE_ENV
+
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("RAY_AUTH_MODE=token" in c and "ray start" in c for c in config[key]), key
+        # chatray's Serve data plane, exported before `ray start` on every node.
+        start = next(c for c in config[key] if "ray start" in c)
+        assert all(f"{k}={v}" in start.split("ray start")[0] for k, v in SERVE_ENV.items()), key
     assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
     # The checkout is synced and installed on every node.
     local = [src for dst, src in config["file_mounts"].items() if not str(src).startswith("~")]
