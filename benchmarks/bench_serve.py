@@ -3,7 +3,8 @@
 For a tiny and a GPT-2-124M-config checkpoint (random weights, built here: nothing is downloaded):
   1. overhead: p50 latency of one request over HTTP (32 new tokens, greedy) / the same generate call
      in-process through the same engine, measured alternately -- target <= 1.10x; also the p50 of GET /healthz
-     (Serve's proxy + the ingress, no model call) and the ratio that alone would give: the floor here;
+     (Serve's proxy + the ingress, no model call) and the ratio that alone would give: the floor here; and of
+     GET /v1/models (proxy -> ingress -> generator, no model work: what the Serve data plane costs);
   2. batching: aggregate generated tokens/s with 16 concurrent clients / one client at a time -- target >= 4x;
   3. cold start: deploy (``serve.run`` of the app on the running Ray, what ``serve deploy`` triggers) to the
      first 200 from /v1/models, seconds; plus ``chatray serve`` from process start (includes starting Ray).
@@ -11,8 +12,8 @@ For a tiny and a GPT-2-124M-config checkpoint (random weights, built here: nothi
     python benchmarks/bench_serve.py                 # both models (several minutes on 2 CPU cores)
     python benchmarks/bench_serve.py --quick         # tiny model only, fewer requests
 
-The Serve data plane is chatray's (chatray.serve.dataplane: RAY_SERVE_THROUGHPUT_OPTIMIZED with Serve's proxy
-kept), as for the Ray that ``chatray serve`` starts; ``--stock-serve`` measures Ray's stock one instead.
+The Serve data plane is chatray's (chatray.serve.dataplane: direct gRPC between Serve's proxy and replicas), as
+for the Ray that ``chatray serve`` starts; ``--stock-serve`` measures Ray's stock one (Ray actor calls) instead.
 Both sides use the same number of torch threads (``--threads``, default 1: on a shared 2-core machine
 more threads than free cores makes small matmuls much slower, for the replica and the baseline alike).
 Prints a table and a final JSON line.
@@ -82,17 +83,18 @@ def paired_p50(engine, url: str, ids: list[int], runs: int) -> tuple[float, floa
     return statistics.median(local), statistics.median(remote)
 
 
-def noop_p50(url: str, runs: int) -> float:
-    """p50 of GET /healthz: the ingress answers without calling the model, so this is what Serve's HTTP proxy
-    and one replica hop cost on this machine (a floor under any generation request's overhead)."""
+def noop_p50(url: str, runs: int, path: str = "/healthz") -> float:
+    """p50 of a GET that does no model work. /healthz: the ingress answers itself, so this is what Serve's HTTP
+    proxy and one replica hop cost on this machine (a floor under any generation request's overhead).
+    /v1/models: the ingress asks a generator replica for its model info, so both hops of a generation request."""
     import httpx
 
     times = []
     with httpx.Client(timeout=60) as client:
-        client.get(url + "/healthz").raise_for_status()
+        client.get(url + path).raise_for_status()
         for _ in range(runs):
             t0 = time.perf_counter()
-            client.get(url + "/healthz").raise_for_status()
+            client.get(url + path).raise_for_status()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -146,18 +148,20 @@ def bench_model(name: str, ckpt: Path, url: str, args: argparse.Namespace) -> di
     cold = time.perf_counter() - t0 + wait_200(url, 120)
     base_p50, http = paired_p50(engine, url, ids, args.runs)
     floor = noop_p50(url, 4 * args.runs)
+    two_hops = noop_p50(url, 4 * args.runs, "/v1/models")
     del engine
     single = asyncio.run(throughput(url, ids, 1, args.sequential))
     concurrent = asyncio.run(throughput(url, ids, args.clients, args.requests_each))
     serve.delete(name)
     row = {"model": name, "in_process_p50_s": round(base_p50, 4), "http_p50_s": round(http, 4),
            "overhead_ratio": round(http / base_p50, 3), "healthz_p50_s": round(floor, 4),
+           "models_p50_s": round(two_hops, 4),
            "overhead_floor_ratio": round((base_p50 + floor) / base_p50, 3), "tokens_per_s_1_client": round(single, 1),
            f"tokens_per_s_{args.clients}_clients": round(concurrent, 1),
            "batching_ratio": round(concurrent / single, 2), "deploy_to_first_200_s": round(cold, 1)}
     print(f"{name:10s} overhead {row['overhead_ratio']:.3f}x (http p50 {http * 1000:.1f} ms / in-process "
           f"{base_p50 * 1000:.1f} ms; Serve's own /healthz p50 {floor * 1000:.1f} ms puts the floor at "
-          f"{row['overhead_floor_ratio']:.3f}x)  batching {row['batching_ratio']:.2f}x ({single:.1f} -> "
+          f"{row['overhead_floor_ratio']:.3f}x; /v1/models p50 {two_hops * 1000:.1f} ms)  batching {row['batching_ratio']:.2f}x ({single:.1f} -> "
           f"{concurrent:.1f} tok/s)  deploy->200 {cold:.1f}s", flush=True)
     return row
 
@@ -198,14 +202,14 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=6, help="requests for the one-client-at-a-time baseline")
     ap.add_argument("--no-cli-cold-start", action="store_true")
     ap.add_argument("--stock-serve", action="store_true",
-                    help="Ray's stock Serve data plane (RAY_SERVE_THROUGHPUT_OPTIMIZED=0) instead of chatray's")
+                    help="Ray's stock Serve data plane (RAY_SERVE_USE_GRPC_BY_DEFAULT=0) instead of chatray's")
     args = ap.parse_args()
     from chatray.serve.dataplane import apply_serve_env
 
     if args.stock_serve:
-        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "0"
+        os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] = "0"
     apply_serve_env()  # what `chatray serve` and `chatray cluster start` give the Ray they start
-    dataplane = "stock" if os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0" else "throughput-optimized"
+    dataplane = "stock" if os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0" else "grpc"
     print(f"Serve data plane: {dataplane}", flush=True)
     if args.quick:
         args.runs, args.sequential, args.requests_each = 5, 4, 1

@@ -100,7 +100,7 @@ def ray_session():
         return
     # Let ray.init() pick the auth mode of the cluster it starts (a Jobs client may have set token mode).
     os.environ.pop("RAY_AUTH_MODE", None)
-    # The Serve data plane chatray's own Ray starts use (RAY_SERVE_THROUGHPUT_OPTIMIZED=0 in the environment
+    # The Serve data plane chatray's own Ray starts use (RAY_SERVE_USE_GRPC_BY_DEFAULT=0 in the environment
     # runs the suite on Ray's stock one instead).
     from chatray.serve.dataplane import apply_serve_env
 

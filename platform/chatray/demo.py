@@ -57,7 +57,7 @@ def _job_settings() -> dict:
 
 def run_demo(fresh: bool = False, chat: bool = True) -> None:
     """Run the demo; raises ChatrayError with the failing step named."""
-    from chatray.localcluster import ray_auth_env, start_local_cluster
+    from chatray.localcluster import ray_auth_env, resources_from_env, start_local_cluster
 
     total = 5
     t_all = time.perf_counter()
@@ -67,7 +67,7 @@ def run_demo(fresh: bool = False, chat: bool = True) -> None:
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     t = _step(1, total, "local Ray cluster (ray start --head on 127.0.0.1, token auth)")
-    cluster, started = start_local_cluster()
+    cluster, started = start_local_cluster(**resources_from_env())  # CHATRAY_NUM_CPUS / _GPUS, as start.sh
     env = ray_auth_env(env)
     env["RAY_ADDRESS"] = cluster.dashboard_url
     _done(t, ("started" if started else "reusing running cluster") + f"; dashboard {cluster.dashboard_url}")

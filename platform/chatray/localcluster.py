@@ -750,7 +750,7 @@ def stop_local_cluster(force: bool = False, cluster: LocalCluster | None = None,
     temp = cluster.ray_temp_dir
     recorded = str(temp) in state
     if every_ray:
-        if cluster_alive(cluster):
+        if _dashboard_state(cluster) == "ok":  # a dashboard that refuses this machine's token cannot drain Serve
             say(_shutdown_serve(cluster))
         say("ray stop (every Ray process of this user on this machine)")
         r = subprocess.run([ray_executable(), "stop"], capture_output=True, text=True, timeout=180)
@@ -817,8 +817,18 @@ def _env_number(name: str, kind: type[int] | type[float]) -> Any:
         return None
     try:
         return kind(value)
-    except ValueError as e:
-        raise ValueError(f"{name} must be a number, got {value!r}") from e
+    except ValueError:
+        raise ChatrayError(f"{name} must be {'a whole' if kind is int else 'a'} number, got {value!r}") from None
+
+
+def resources_from_env() -> dict[str, int | None]:
+    """``num_cpus`` / ``num_gpus`` for :func:`start_local_cluster` from CHATRAY_NUM_CPUS / CHATRAY_NUM_GPUS
+    (None, i.e. all of the machine's, when unset).
+
+    Raises:
+        ChatrayError: a value that is not a whole number.
+    """
+    return {"num_cpus": _env_number("CHATRAY_NUM_CPUS", int), "num_gpus": _env_number("CHATRAY_NUM_GPUS", int)}
 
 
 def _say(line: str) -> None:
@@ -839,9 +849,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster = LocalCluster.from_env()
         wait_s = _env_number("CHATRAY_START_TIMEOUT", float) or 180.0
         if command == "start":
-            cluster, started = start_local_cluster(cluster, num_cpus=_env_number("CHATRAY_NUM_CPUS", int),
-                                                   num_gpus=_env_number("CHATRAY_NUM_GPUS", int), wait_s=wait_s,
-                                                   ray_args=rest, echo=_say)
+            cluster, started = start_local_cluster(cluster, **resources_from_env(), wait_s=wait_s, ray_args=rest,
+                                                   echo=_say)
             print(("==> Ray is up\n" if started else "") + "\n" + describe_cluster(cluster, "cluster/local/stop.sh"))
         elif command == "add-worker":
             add_local_worker(cluster, ray_args=rest, wait_s=wait_s, echo=_say)

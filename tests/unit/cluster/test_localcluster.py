@@ -21,6 +21,7 @@ from chatray.localcluster import (
     _record,
     _state_file,
     cluster_processes,
+    resources_from_env,
     start_local_cluster,
     stop_cluster_processes,
     stop_local_cluster,
@@ -191,6 +192,15 @@ def test_settings_from_the_environment():
     assert LocalCluster.from_env({}).address == "127.0.0.1:6379"
     with pytest.raises(ValueError, match="CHATRAY_RAY_PORT must be a TCP port.*'x'.*CHATRAY_DASHBOARD_PORT"):
         LocalCluster.from_env({"CHATRAY_RAY_PORT": "x", "CHATRAY_DASHBOARD_PORT": "70000"})
+
+
+def test_cpus_and_gpus_from_the_environment(monkeypatch):
+    monkeypatch.delenv("CHATRAY_NUM_GPUS", raising=False)
+    monkeypatch.setenv("CHATRAY_NUM_CPUS", " 2 ")
+    assert resources_from_env() == {"num_cpus": 2, "num_gpus": None}
+    monkeypatch.setenv("CHATRAY_NUM_GPUS", "1.5")
+    with pytest.raises(ChatrayError, match=r"CHATRAY_NUM_GPUS must be a whole number, got '1.5'"):
+        resources_from_env()
 
 
 def test_start_refuses_to_turn_token_auth_off(home, monkeypatch):

@@ -7,19 +7,18 @@ from chatray.serve.dataplane import SERVE_ENV, apply_serve_env, serve_env
 
 
 def test_serve_env_adds_the_defaults_and_keeps_the_callers_values():
-    env = serve_env({"PATH": "/bin", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"})
-    assert env["PATH"] == "/bin"
-    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"  # the user's choice wins: Ray's stock data plane
-    assert {k: env[k] for k in SERVE_ENV if k != "RAY_SERVE_THROUGHPUT_OPTIMIZED"} == {
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
-        "RAY_SERVE_LOG_TO_STDERR": "1"}
+    assert serve_env({"PATH": "/bin"}) == {"PATH": "/bin", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+    # The user's choice wins: Ray's stock data plane.
+    assert serve_env({"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}) == {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
 
 
 def test_apply_serve_env_sets_only_what_is_missing():
-    environ = {"RAY_SERVE_LOG_TO_STDERR": "0"}
+    environ = {"OTHER": "x"}
     apply_serve_env(environ)
-    assert environ == {**SERVE_ENV, "RAY_SERVE_LOG_TO_STDERR": "0"}
-    assert environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "0"
+    assert environ == {"OTHER": "x", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
+    environ = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
+    apply_serve_env(environ)
+    assert environ == {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
 
 
 def test_ray_start_of_the_local_cluster_gets_them(monkeypatch):
@@ -28,5 +27,5 @@ def test_ray_start_of_the_local_cluster_gets_them(monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     env = _ray_env(LocalCluster())
     assert {k: env[k] for k in SERVE_ENV} == SERVE_ENV
-    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
-    assert _ray_env(LocalCluster())["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0")
+    assert _ray_env(LocalCluster())["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
