@@ -197,7 +197,14 @@ def main() -> None:
         hint = getattr(e, "hint", None)
         if hint:
             print(f"hint: {hint}", file=sys.stderr)
-        print("the cluster is left running for inspection; `make down` stops it", file=sys.stderr)
+        from chatray.localcluster import cluster_alive
+
+        try:
+            alive = cluster_alive()
+        except (ChatrayError, ValueError):  # the same bad setting that stopped the demo
+            alive = False
+        if alive:
+            print("the cluster is left running for inspection; `make down` stops it", file=sys.stderr)
         sys.exit(1)
 
 
