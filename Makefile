@@ -10,7 +10,7 @@ TORCH_CPU ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-integration test-e2e down bench lint clean
+.PHONY: setup demo test test-unit test-integration test-e2e test-stock-serve down bench lint clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,10 @@ test-integration: $(STAMP)
 
 test-e2e: $(STAMP)
 	@$(BIN)/python -m pytest tests/e2e $(PYTEST_ARGS)
+
+# The serving tests on Ray Serve's stock data plane (Ray actor calls) instead of chatray's gRPC one.
+test-stock-serve: $(STAMP)
+	@RAY_SERVE_USE_GRPC_BY_DEFAULT=0 $(BIN)/python -m pytest tests/integration/test_serve.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@$(BIN)/python benchmarks/bench_data.py

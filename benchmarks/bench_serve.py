@@ -196,7 +196,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model only, fewer requests")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the replica and the baseline")
-    ap.add_argument("--runs", type=int, default=7, help="latency samples per side")
+    ap.add_argument("--runs", type=int, default=None, help="latency samples per side (default 7, --quick 5)")
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests-each", type=int, default=2)
     ap.add_argument("--sequential", type=int, default=6, help="requests for the one-client-at-a-time baseline")
@@ -208,11 +208,12 @@ def main() -> None:
 
     if args.stock_serve:
         os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] = "0"
-    apply_serve_env()  # what `chatray serve` and `chatray cluster start` give the Ray they start
-    dataplane = "stock" if os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0" else "grpc"
+    apply_serve_env()  # what `chatray serve` and `chatray up` give the Ray they start
+    dataplane = "grpc" if os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1" else "stock"  # as Ray reads it
     print(f"Serve data plane: {dataplane}", flush=True)
     if args.quick:
-        args.runs, args.sequential, args.requests_each = 5, 4, 1
+        args.sequential, args.requests_each = 4, 1
+    args.runs = args.runs or (5 if args.quick else 7)
 
     import ray
     from ray import serve

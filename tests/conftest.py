@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from support.ports import free_port
 
+from chatray.serve.dataplane import apply_serve_env
+
 REPO = Path(__file__).resolve().parents[1]
 
 # No test may reach the network: hub look-ups fail fast instead of hanging.
@@ -20,6 +22,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# The Serve data plane of the Ray that chatray starts (RAY_SERVE_USE_GRPC_BY_DEFAULT=0 in the environment runs the
+# suite on Ray's stock one). Set here, before any test module imports ray.serve, so the tests' own handles use it too.
+apply_serve_env()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -100,11 +105,6 @@ def ray_session():
         return
     # Let ray.init() pick the auth mode of the cluster it starts (a Jobs client may have set token mode).
     os.environ.pop("RAY_AUTH_MODE", None)
-    # The Serve data plane chatray's own Ray starts use (RAY_SERVE_USE_GRPC_BY_DEFAULT=0 in the environment
-    # runs the suite on Ray's stock one instead).
-    from chatray.serve.dataplane import apply_serve_env
-
-    apply_serve_env()
     # address="local": always a fresh in-process cluster, never one started by `ray start` on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})

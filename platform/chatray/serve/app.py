@@ -41,7 +41,9 @@ class ServeArgs(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, description="default top_p")
     top_k: int = Field(0, ge=0, description="default top_k (0 = off)")
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="default repetition penalty (1 = off)")
-    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413")
+    # At most 2 MiB: the ingress forwards the request over Serve's gRPC data plane, whose messages are capped at
+    # 4 MiB (a 1024-token context never needs a body near either).
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=2 << 20, description="larger request bodies get 413")
     request_timeout_s: float = Field(100.0, gt=0, description="per-request limit in the ingress (408 after)")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After seconds on 503/429 when overloaded")
     step_delay_s: float = Field(0.0, ge=0, le=5, description="testing only: sleep after each decode step")

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,6 +60,11 @@ class IngressSettings(BaseModel):
 
 
 app = FastAPI(title="chatray", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+
+
+# A generator replica that died, is shutting down or cannot be reached: over Ray actor calls a RayActorError, over
+# Serve's gRPC data plane (chatray.serve.dataplane) the same or a grpc.aio.AioRpcError. Answered 503 + Retry-After.
+_UNAVAILABLE = (RayActorError, DeploymentUnavailableError, grpc.aio.AioRpcError)
 
 
 def _error_response(e: APIError) -> JSONResponse:
@@ -173,7 +179,7 @@ class Ingress:
             info = await asyncio.wait_for(self._generator.model_info.remote(), self._s.request_timeout_s)
         except BackPressureError as e:
             raise self._overloaded(e) from None
-        except (RayActorError, DeploymentUnavailableError) as e:
+        except _UNAVAILABLE as e:
             raise self._unavailable(e) from None
         except asyncio.TimeoutError:
             raise self._timeout() from None
@@ -213,7 +219,7 @@ class Ingress:
             raise self._timeout() from None
         except BackPressureError as e:
             raise self._overloaded(e) from None
-        except (RayActorError, DeploymentUnavailableError) as e:  # a replica died mid-request
+        except _UNAVAILABLE as e:  # a replica died mid-request
             raise self._unavailable(e) from None
         except asyncio.CancelledError:  # the client went away: stop the generation too
             response.cancel()
@@ -236,7 +242,7 @@ class Ingress:
             raise self._timeout() from None
         except BackPressureError as e:
             raise self._overloaded(e) from None
-        except (RayActorError, DeploymentUnavailableError) as e:
+        except _UNAVAILABLE as e:
             raise self._unavailable(e) from None
         except asyncio.CancelledError:
             events.cancel()

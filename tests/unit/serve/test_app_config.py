@@ -58,6 +58,7 @@ def test_build_app_returns_an_application_without_ray_running():
     ({"api_key_env": "NOT A NAME"}, "args.api_key_env"),
     ({"dtype": "int8"}, "args.dtype"),
     ({"top_p": "high"}, "args.top_p"),
+    ({"max_body_bytes": 3 << 20}, "args.max_body_bytes"),  # over what Serve's gRPC hop carries
 ])
 def test_bad_args_are_named(args, words):
     with pytest.raises(ChatrayError, match=words.replace(".", r"\.")):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from chatray.localcluster import LocalCluster, _ray_env
 from chatray.serve.dataplane import SERVE_ENV, apply_serve_env, serve_env
 
@@ -29,3 +33,18 @@ def test_ray_start_of_the_local_cluster_gets_them(monkeypatch):
     assert {k: env[k] for k in SERVE_ENV} == SERVE_ENV
     monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0")
     assert _ray_env(LocalCluster())["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
+
+
+def test_the_installed_ray_serve_reads_the_setting():
+    """The variable is internal to Ray Serve: fail here, not silently, if an upgrade stops reading it."""
+    code = ("from ray.serve._private import constants as c, handle_options as h; "
+            "print(c.RAY_SERVE_USE_GRPC_BY_DEFAULT, c.RAY_SERVE_PROXY_USE_GRPC, h.DynamicHandleOptions()._by_reference)")
+
+    def run(value: str) -> str:
+        env = {**os.environ, "RAY_SERVE_USE_GRPC_BY_DEFAULT": value}
+        env.pop("RAY_SERVE_PROXY_USE_GRPC", None)
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                              check=True).stdout.split()
+
+    assert run(SERVE_ENV["RAY_SERVE_USE_GRPC_BY_DEFAULT"]) == ["True", "True", "False"]  # proxy and handles on gRPC
+    assert run("0") == ["False", "False", "True"]  # Ray's stock data plane: actor calls, by reference
