@@ -161,8 +161,9 @@ def bench_model(name: str, ckpt: Path, url: str, args: argparse.Namespace) -> di
            "batching_ratio": round(concurrent / single, 2), "deploy_to_first_200_s": round(cold, 1)}
     print(f"{name:10s} overhead {row['overhead_ratio']:.3f}x (http p50 {http * 1000:.1f} ms / in-process "
           f"{base_p50 * 1000:.1f} ms; Serve's own /healthz p50 {floor * 1000:.1f} ms puts the floor at "
-          f"{row['overhead_floor_ratio']:.3f}x; /v1/models p50 {two_hops * 1000:.1f} ms)  batching {row['batching_ratio']:.2f}x ({single:.1f} -> "
-          f"{concurrent:.1f} tok/s)  deploy->200 {cold:.1f}s", flush=True)
+          f"{row['overhead_floor_ratio']:.3f}x; /v1/models p50 {two_hops * 1000:.1f} ms)  "
+          f"batching {row['batching_ratio']:.2f}x ({single:.1f} -> {concurrent:.1f} tok/s)  deploy->200 {cold:.1f}s",
+          flush=True)
     return row
 
 

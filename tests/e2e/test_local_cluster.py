@@ -26,12 +26,16 @@ from chatray.localcluster import (
     start_local_cluster,
     stop_local_cluster,
 )
+from chatray.serve.dataplane import SERVE_ENV
 
 pytestmark = pytest.mark.e2e
 
 
 def test_start_then_stop_only_the_clusters_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("CHATRAY_HOME", str(tmp_path / "home"))
+    # Not inherited from this process (conftest sets it here): the cluster must get it from localcluster itself.
+    for key in SERVE_ENV:
+        monkeypatch.delenv(key, raising=False)
     # Short, outside tmp_path: Ray's socket paths under the temp dir have a length limit.
     temp = Path(tempfile.mkdtemp(prefix="cr-lc-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != MARKER_ENV}
@@ -53,11 +57,8 @@ def test_start_then_stop_only_the_clusters_processes(tmp_path, monkeypatch):
         names = {p.name() for p in procs}
         assert {"gcs_server", "raylet"} <= names, names
         # chatray's Serve data plane reaches the cluster: Serve's processes inherit the raylet's environment.
-        from chatray.serve.dataplane import SERVE_ENV, serve_env
-
         raylet_env = next(p for p in procs if p.name() == "raylet").environ()
-        expected = serve_env(dict(os.environ))  # the defaults, or what this test's environment sets instead
-        assert {k: raylet_env.get(k) for k in SERVE_ENV} == {k: expected[k] for k in SERVE_ENV}
+        assert {k: raylet_env.get(k) for k in SERVE_ENV} == SERVE_ENV
         assert not {b.pid for b in bystanders} & {p.pid for p in procs}
 
         t = time.monotonic()

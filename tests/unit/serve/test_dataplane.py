@@ -38,7 +38,8 @@ def test_ray_start_of_the_local_cluster_gets_them(monkeypatch):
 def test_the_installed_ray_serve_reads_the_setting():
     """The variable is internal to Ray Serve: fail here, not silently, if an upgrade stops reading it."""
     code = ("from ray.serve._private import constants as c, handle_options as h; "
-            "print(c.RAY_SERVE_USE_GRPC_BY_DEFAULT, c.RAY_SERVE_PROXY_USE_GRPC, h.DynamicHandleOptions()._by_reference)")
+            "print(c.RAY_SERVE_USE_GRPC_BY_DEFAULT, c.RAY_SERVE_PROXY_USE_GRPC, "
+            "h.DynamicHandleOptions()._by_reference)")
 
     def run(value: str) -> str:
         env = {**os.environ, "RAY_SERVE_USE_GRPC_BY_DEFAULT": value}

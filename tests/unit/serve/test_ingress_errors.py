@@ -16,23 +16,18 @@ from ray.exceptions import ActorUnavailableError
 from chatray.serve.ingress import Ingress
 from chatray.serve.schemas import APIError, CompletionRequest
 
-
-# @serve.ingress wraps the class in an ASGI wrapper subclass (async __init__); chatray's class is a base of it.
-_IngressClass = next(c for c in Ingress.func_or_class.__mro__ if "_generate" in vars(c) and "__init__" in vars(c)
-                     and c.__init__.__code__.co_filename.endswith("ingress.py"))
+# @serve.ingress wraps the class in an ASGI wrapper subclass (async __init__); chatray's class, the one that
+# defines the routes' helpers, is a base of it.
+_IngressClass = next(c for c in Ingress.func_or_class.__mro__ if "_generate" in vars(c))
 
 
 class _FailingCall:
     def __init__(self, error: BaseException) -> None:
         self._error = error
-        self.cancelled = False
 
     def __await__(self):
         raise self._error
         yield  # pragma: no cover - makes this a generator
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 class _Generator:
