@@ -12,7 +12,7 @@ For a tiny and a GPT-2-124M-config checkpoint (random weights, built here: nothi
     python benchmarks/bench_serve.py                 # both models (several minutes on 2 CPU cores)
     python benchmarks/bench_serve.py --quick         # tiny model only, fewer requests
 
-The Serve data plane is chatray's (chatray.serve.dataplane: direct gRPC between Serve's proxy and replicas), as
+The Serve data plane is chatray's (chatray.rayenv: direct gRPC between Serve's proxy and replicas), as
 for the Ray that ``chatray serve`` starts; ``--stock-serve`` measures Ray's stock one (Ray actor calls) instead.
 Both sides use the same number of torch threads (``--threads``, default 1: on a shared 2-core machine
 more threads than free cores makes small matmuls much slower, for the replica and the baseline alike).
@@ -205,7 +205,7 @@ def main() -> None:
     ap.add_argument("--stock-serve", action="store_true",
                     help="Ray's stock Serve data plane (RAY_SERVE_USE_GRPC_BY_DEFAULT=0) instead of chatray's")
     args = ap.parse_args()
-    from chatray.serve.dataplane import apply_serve_env
+    from chatray.rayenv import apply_serve_env
 
     if args.stock_serve:
         os.environ["RAY_SERVE_USE_GRPC_BY_DEFAULT"] = "0"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from support.ports import free_port
 
-from chatray.serve.dataplane import apply_serve_env
+from chatray.rayenv import apply_serve_env
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -57,7 +57,8 @@ def _job_settings() -> dict:
 
 def run_demo(fresh: bool = False, chat: bool = True) -> None:
     """Run the demo; raises ChatrayError with the failing step named."""
-    from chatray.localcluster import ray_auth_env, resources_from_env, start_local_cluster
+    from chatray.localcluster import resources_from_env, start_local_cluster
+    from chatray.rayenv import ray_auth_env
 
     total = 5
     t_all = time.perf_counter()

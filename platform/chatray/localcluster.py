@@ -39,7 +39,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from chatray.errors import ChatrayError
-from chatray.serve.dataplane import serve_env
+from chatray.rayenv import ray_auth_env, ray_auth_headers, serve_env, token_file, token_location
 
 __all__ = [
     "MARKER_ENV",
@@ -50,8 +50,6 @@ __all__ = [
     "default_temp_dir",
     "describe_cluster",
     "main",
-    "ray_auth_env",
-    "ray_auth_headers",
     "ray_executable",
     "start_local_cluster",
     "stop_cluster_processes",
@@ -172,45 +170,11 @@ def _cli(name: str) -> str:
     return found
 
 
-def ray_auth_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """``env`` (default: os.environ) plus ``RAY_AUTH_MODE=token`` when a Ray auth token is available.
-
-    The token itself is read by Ray from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``.
-    """
-    out = dict(os.environ if env is None else env)
-    if "RAY_AUTH_MODE" not in out:
-        if out.get("RAY_AUTH_TOKEN") or _token_file(out).is_file():
-            out["RAY_AUTH_MODE"] = "token"
-    return out
-
-
-def _token_file(env: Mapping[str, str]) -> Path:
-    """Where Ray looks for the token file: ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``."""
-    return Path(env.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-
-
-def ray_auth_headers() -> dict[str, str]:
-    """``Authorization: Bearer <token>`` for Ray's HTTP APIs when a token is available, else ``{}``."""
-    env = ray_auth_env()
-    token = env.get("RAY_AUTH_TOKEN")
-    path = _token_file(env)
-    if not token and path.is_file():
-        token = path.read_text(encoding="utf-8").strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def _token_location(env: Mapping[str, str]) -> str:
-    """Where the token lives, for messages (the token itself is never printed)."""
-    if env.get("RAY_AUTH_TOKEN"):
-        return "the RAY_AUTH_TOKEN environment variable"
-    return str(_token_file(env))
-
-
 def _ensure_token(env: Mapping[str, str], echo: Echo) -> None:
     """Make sure a token exists: `ray start --head` then turns token auth on, and clients here read the same."""
     if env.get("RAY_AUTH_TOKEN"):
         return
-    path = _token_file(env)
+    path = token_file(env)
     if env.get("RAY_AUTH_TOKEN_PATH"):
         if not path.is_file() or path.stat().st_size == 0:
             raise ChatrayError(f"RAY_AUTH_TOKEN_PATH={path} does not exist or is empty",
@@ -386,7 +350,7 @@ def describe_cluster(cluster: LocalCluster, stop_command: str = "chatray down") 
     return (
         f"Ray cluster:   {cluster.address}     (ray status --address {cluster.address})\n"
         f"Dashboard:     {url}   (also the Jobs API and Serve's REST API)\n"
-        f"Token auth:    on; the token is in {_token_location(os.environ)} (print it: ray get-auth-token).\n"
+        f"Token auth:    on; the token is in {token_location()} (print it: ray get-auth-token).\n"
         "               The dashboard asks for it in the browser. CLI/SDK clients need RAY_AUTH_MODE=token:\n"
         f"                 source {cluster.env_file}\n"
         f"                 ray job submit --address {url} -- python -c 'print(1)'\n"

@@ -20,7 +20,8 @@ FAULT_STEP = 12  # a training worker of the e2e run exits at this step (once), s
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     """Yields dict(address, dashboard, env, home): a head node started with `ray start --head`."""
-    from chatray.localcluster import LocalCluster, ray_auth_env, start_local_cluster, stop_local_cluster
+    from chatray.localcluster import LocalCluster, start_local_cluster, stop_local_cluster
+    from chatray.rayenv import ray_auth_env
 
     home = tmp_path_factory.mktemp("chatray-home")
     os.environ["CHATRAY_HOME"] = str(home)  # the up/down state file of this cluster, not the user's

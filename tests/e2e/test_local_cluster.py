@@ -26,7 +26,7 @@ from chatray.localcluster import (
     start_local_cluster,
     stop_local_cluster,
 )
-from chatray.serve.dataplane import SERVE_ENV
+from chatray.rayenv import SERVE_ENV
 
 pytestmark = pytest.mark.e2e
 

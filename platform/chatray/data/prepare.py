@@ -137,23 +137,18 @@ def _check_out(out: str, overwrite: bool) -> None:
         raise ChatrayError(f"output {out} is a file, not a folder")
 
 
-def _ensure_ray(progress: bool) -> bool:
-    """Connect to RAY_ADDRESS or start a local Ray; returns True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
+def _connect() -> bool:
+    """Connect to RAY_ADDRESS or start a local Ray; returns True if this call did."""
     import logging
 
     import ray.data
 
+    from chatray.rayenv import connect
+
     # chatray prints one progress line per finished shard; Ray Data's own bars and INFO lines would interleave.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False,
-             include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
-             configure_logging=True, logging_level="WARNING")
-    return True
+    return connect(include_dashboard=False, log_to_driver=False, quiet=True)
 
 
 @dataclass
@@ -322,7 +317,7 @@ def prepare_dataset(
     staging: Path | None = None
     try:
         t_ray = time.perf_counter()
-        started_ray = _ensure_ray(progress)
+        started_ray = _connect()
         ray_s = time.perf_counter() - t_ray
         if started_ray:
             where = os.environ.get("RAY_ADDRESS")

@@ -63,7 +63,7 @@ app = FastAPI(title="chatray", version=__version__, docs_url=None, redoc_url=Non
 
 
 # A generator replica that died, is shutting down or cannot be reached: over Ray actor calls a RayActorError, over
-# Serve's gRPC data plane (chatray.serve.dataplane) the same or a grpc.aio.AioRpcError. Answered 503 + Retry-After.
+# Serve's gRPC data plane (chatray.rayenv) the same or a grpc.aio.AioRpcError. Answered 503 + Retry-After.
 _UNAVAILABLE = (RayActorError, DeploymentUnavailableError, grpc.aio.AioRpcError)
 
 

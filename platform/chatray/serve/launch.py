@@ -125,15 +125,11 @@ def serve_foreground(config: str | Path | None = None, *, checkpoint: str | None
     import ray
     from ray import serve
 
+    from chatray.rayenv import connect
     from chatray.serve.app import build_app_with_options
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        from chatray.serve.dataplane import apply_serve_env
-
-        apply_serve_env()  # reaches Serve only when this ray.init() starts a new local Ray
-        ray.init(address=address, include_dashboard=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    started_ray = connect(address, env_vars={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+                          include_dashboard=False)
     if block:
         # Ctrl-C and `kill` (SIGTERM, as from a process manager) both shut down cleanly, also while deploying,
         # and even when a shell started us in the background with SIGINT ignored.

@@ -31,7 +31,6 @@ RUNTIME_ENV_EXCLUDES = [
     ".git", ".venv", "venv", ".demo", ".device", ".whl", ".pytest_cache", ".ruff_cache", "**/__pycache__",
     "*.egg-info", "*.parquet", "*.safetensors", "*.pt", "*.bin", "*.arrow", "/tests",
 ]
-_FORWARD = ("AWS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_", "CHATRAY_")
 
 
 def source_root() -> Path:
@@ -50,7 +49,7 @@ def source_root() -> Path:
 
 
 def _auth_headers() -> dict[str, str]:
-    from chatray.localcluster import ray_auth_headers
+    from chatray.rayenv import ray_auth_headers
 
     headers = ray_auth_headers()
     if headers:
@@ -81,7 +80,9 @@ def job_client(address: str | None = None) -> JobSubmissionClient:
 
 def runtime_env(root: Path) -> dict[str, Any]:
     """The job's runtime environment: source tree + ``chatray`` package + forwarded settings."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARD)}
+    from chatray.rayenv import forwarded_env
+
+    env = forwarded_env()
     return {"working_dir": str(root), "py_modules": [str(root / "platform" / "chatray")],
             "excludes": RUNTIME_ENV_EXCLUDES, "env_vars": env}
 

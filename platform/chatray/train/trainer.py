@@ -23,16 +23,7 @@ from chatray.storage.uri import filesystem_for, is_remote, join, read_text, writ
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
-__all__ = ["absolute_paths", "build_trainer", "forwarded_env", "plan_run", "run_training"]
-
-# Environment a worker needs to see the same storage, hub settings and test hooks as the driver.
-_FORWARD_PREFIXES = ("AWS_", "CHATRAY_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
-
-
-def forwarded_env() -> dict[str, str]:
-    """Driver environment variables passed on to Ray Train workers (S3 endpoint/credentials, HF offline...)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(_FORWARD_PREFIXES)}
-
+__all__ = ["absolute_paths", "build_trainer", "plan_run", "run_training"]
 
 def _worker_env() -> dict[str, str]:
     """The forwarded variables that Ray workers do not already see with the same value.
@@ -41,6 +32,8 @@ def _worker_env() -> dict[str, str]:
     Train workers already-started processes instead of launching new ones (seconds each).
     """
     import ray
+
+    from chatray.rayenv import forwarded_env
 
     wanted = forwarded_env()
 
@@ -221,15 +214,6 @@ def plan_run(cfg: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Any]]:
     return cfg, plan
 
 
-def _ensure_ray() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, log_to_driver=True,
-                 runtime_env={"env_vars": forwarded_env()} if not address else None)
-
-
 def _cpus_per_worker(cfg: FinetuneConfig) -> float:
     """CPUs to reserve per worker, leaving one for Ray Data on small CPU-only clusters (else reads starve)."""
     import ray
@@ -264,7 +248,9 @@ def build_trainer(cfg: FinetuneConfig, plan: dict[str, Any] | None = None) -> To
 
     if plan is None:
         cfg, plan = plan_run(cfg)
-    _ensure_ray()
+    from chatray.rayenv import connect, forwarded_env
+
+    connect(env_vars=None if os.environ.get("RAY_ADDRESS") else forwarded_env())
     resources: dict[str, float] = {"CPU": _cpus_per_worker(cfg)}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1

@@ -342,7 +342,7 @@ def test_kuberay_cluster_has_token_auth_autoscaling_gpus_and_one_image(path: Pat
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=_rel)
 def test_kuberay_ray_containers_get_chatrays_serve_data_plane(path: Path):
-    from chatray.serve.dataplane import SERVE_ENV
+    from chatray.rayenv import SERVE_ENV
 
     for c in _containers(_cluster_spec(_load(path))):
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
@@ -378,7 +378,7 @@ def test_launcher_yaml_has_gpu_autoscaling_token_auth_and_installs_chatray():
     assert "GPU" not in head.get("resources", {})
     # Every node authenticates with the same token, copied from the launching machine.
     assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
-    from chatray.serve.dataplane import SERVE_ENV
+    from chatray.rayenv import SERVE_ENV
 
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("RAY_AUTH_MODE=token" in c and "ray start" in c for c in config[key]), key

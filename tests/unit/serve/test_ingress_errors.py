@@ -2,7 +2,7 @@
 
 The Ingress class runs here without Serve, with a stand-in generator handle whose call fails the way Serve's
 handles fail: a RayActorError subclass (Ray actor calls, or gRPC UNAVAILABLE) or a raw grpc.aio.AioRpcError
-(another gRPC transport failure on Serve's gRPC data plane, chatray.serve.dataplane).
+(another gRPC transport failure on Serve's gRPC data plane, chatray.rayenv).
 """
 
 from __future__ import annotations

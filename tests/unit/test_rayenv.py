@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from chatray.localcluster import LocalCluster, _ray_env
-from chatray.serve.dataplane import SERVE_ENV, apply_serve_env, serve_env
+from chatray.rayenv import SERVE_ENV, apply_serve_env, serve_env
 
 
 def test_serve_env_adds_the_defaults_and_keeps_the_callers_values():
