@@ -31,8 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from chatray.data.dataset import IGNORE_INDEX  # noqa: E402
 from chatray.model import quiet_transformers, tiny_config  # noqa: E402
-from chatray.train.data import IGNORE_INDEX, Batch, pack_rows, packed_batch  # noqa: E402
+from chatray.train.data import Batch, pack_rows, packed_batch  # noqa: E402
 from chatray.train.step import StepConfig, TrainStep  # noqa: E402
 
 MFU_TARGET = 0.40

@@ -8,8 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from chatray.data.dataset import load_tokenizer, read_manifest, split_files
-from chatray.data.encode import IGNORE_INDEX
+from chatray.data.dataset import IGNORE_INDEX, load_tokenizer, read_manifest, split_files
 from chatray.data.prepare import prepare_dataset
 from chatray.errors import ChatrayError
 

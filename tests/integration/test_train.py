@@ -68,9 +68,9 @@ def _one_process_losses(dataset: str, steps: int) -> list[float]:
     import numpy as np
     import torch
 
-    from chatray.data.dataset import load_tokenizer
+    from chatray.data.dataset import load_tokenizer, read_split_rows
     from chatray.model import build_model
-    from chatray.train.data import pack_rows, packed_batch, read_split_rows
+    from chatray.train.data import pack_rows, packed_batch
     from chatray.train.step import StepConfig, TrainStep
 
     tok = load_tokenizer(dataset)

@@ -16,16 +16,29 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from chatray.errors import ChatrayError
-from chatray.storage.uri import download_dir, exists, is_remote, join, read_text
+from chatray.storage.uri import download_dir, exists, filesystem_for, is_remote, join, read_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-__all__ = ["FORMAT_VERSION", "MANIFEST", "load_tokenizer", "read_manifest", "split_files", "split_uri"]
+__all__ = [
+    "FORMAT_VERSION",
+    "IGNORE_INDEX",
+    "MANIFEST",
+    "as_int32_rows",
+    "load_tokenizer",
+    "read_manifest",
+    "read_split_rows",
+    "split_files",
+    "split_uri",
+]
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+IGNORE_INDEX = -100  # a label that carries no loss (torch cross_entropy's default ignore_index)
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
@@ -86,3 +99,32 @@ def load_tokenizer(uri: str) -> PreTrainedTokenizerFast:
         raise ChatrayError(f"{tdir}: cannot load the dataset tokenizer: {e}") from e
     tok.clean_up_tokenization_spaces = False
     return tok
+
+
+def as_int32_rows(col: Any) -> list[np.ndarray]:
+    """A list-column (numpy object array, 2-D array or list) as a list of 1-D int32 arrays."""
+    if isinstance(col, np.ndarray) and col.ndim == 2:
+        return list(col.astype(np.int32, copy=False))
+    return [np.asarray(r, dtype=np.int32) for r in col]
+
+
+def read_split_rows(dataset_uri: str, split: str, manifest: dict[str, Any] | None = None,
+                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """All rows (``input_ids``, ``labels``) of one split, in manifest order, without Ray (local or S3).
+
+    Raises:
+        ChatrayError: missing dataset or split, unreadable shard.
+    """
+    import pyarrow.parquet as pq
+
+    ids: list[np.ndarray] = []
+    labs: list[np.ndarray] = []
+    for uri in split_files(dataset_uri, split, manifest):
+        fs, path = filesystem_for(uri)
+        try:
+            table = pq.read_table(path, filesystem=fs, columns=["input_ids", "labels"])
+        except (OSError, ValueError) as e:
+            raise ChatrayError(f"cannot read {uri}: {e}") from e
+        ids += as_int32_rows(table.column("input_ids").to_numpy(zero_copy_only=False))
+        labs += as_int32_rows(table.column("labels").to_numpy(zero_copy_only=False))
+    return ids, labs

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from chatray.data.dataset import IGNORE_INDEX
 from chatray.data.tokenizer import render_chat
 
-__all__ = ["IGNORE_INDEX", "EncodeStats", "EncodedRows", "encode_batch", "encode_rendered", "render_batch"]
+__all__ = ["EncodeStats", "EncodedRows", "encode_batch", "encode_rendered", "render_batch"]
 
-IGNORE_INDEX = -100
 
 
 @dataclass

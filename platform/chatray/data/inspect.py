@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chatray.data.dataset import read_manifest, split_files
-from chatray.data.encode import IGNORE_INDEX
+from chatray.data.dataset import IGNORE_INDEX, read_manifest, split_files
 
 __all__ = ["inspect_dataset", "render_example"]
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from chatray.data.dataset import IGNORE_INDEX, as_int32_rows, read_split_rows
 from chatray.errors import ChatrayError
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "IGNORE_INDEX",
     "Batch",
     "collate_padded",
     "dummy_batch",
@@ -33,11 +33,8 @@ __all__ = [
     "make_train_dataset",
     "pack_rows",
     "packed_batch",
-    "read_split_rows",
     "rows_to_batches",
 ]
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -61,13 +58,6 @@ class Batch:
                      self.n_real, self.n_loss)
 
 
-def _as_rows(col: Any) -> list[np.ndarray]:
-    """A list-column (numpy object array, 2-D array or list) as a list of 1-D int32 arrays."""
-    if isinstance(col, np.ndarray) and col.ndim == 2:
-        return list(col.astype(np.int32, copy=False))
-    return [np.asarray(r, dtype=np.int32) for r in col]
-
-
 def pack_rows(input_ids: Sequence[Any], labels: Sequence[Any], block_size: int, pad_id: int) -> dict[str, np.ndarray]:
     """Concatenate rows and cut them into overlapping blocks of ``block_size + 1`` tokens.
 
@@ -80,8 +70,8 @@ def pack_rows(input_ids: Sequence[Any], labels: Sequence[Any], block_size: int, 
         that hold data.
     """
     T = block_size
-    rows = _as_rows(input_ids)
-    labs = _as_rows(labels)
+    rows = as_int32_rows(input_ids)
+    labs = as_int32_rows(labels)
     empty = {"input_ids": np.zeros((0, T + 1), np.int32), "labels": np.zeros((0, T + 1), np.int32),
              "n_real": np.zeros((0,), np.int32)}
     if not rows:
@@ -125,8 +115,8 @@ def collate_padded(input_ids: Sequence[Any], labels: Sequence[Any], pad_id: int,
     Rows longer than ``block_size + 1`` tokens are truncated. Causal attention means real tokens never
     attend to the padding after them, so no attention mask is needed.
     """
-    rows = [r[: block_size + 1] for r in _as_rows(input_ids)]
-    labs = [r[: block_size + 1] for r in _as_rows(labels)]
+    rows = [r[: block_size + 1] for r in as_int32_rows(input_ids)]
+    labs = [r[: block_size + 1] for r in as_int32_rows(labels)]
     longest = max((len(r) for r in rows), default=2)
     width = min(block_size, -(-max(longest - 1, 1) // multiple_of) * multiple_of) + 1
     ids = np.full((len(rows), width), pad_id, np.int32)
@@ -151,8 +141,8 @@ def rows_to_batches(input_ids: Sequence[Any], labels: Sequence[Any], *, packing:
                     block_size: int, micro_batch_size: int, pad_id: int, pack_rows_per_batch: int = 1024,
                     ) -> Iterator[Batch]:
     """Rows -> micro-batches exactly as the Ray path builds them (packing ``pack_rows_per_batch`` rows at a time)."""
-    rows = _as_rows(input_ids)
-    labs = _as_rows(labels)
+    rows = as_int32_rows(input_ids)
+    labs = as_int32_rows(labels)
     if packing == "pad":
         for i in range(0, len(rows), micro_batch_size):
             yield collate_padded(rows[i: i + micro_batch_size], labs[i: i + micro_batch_size], pad_id, block_size)
@@ -173,31 +163,6 @@ def rows_to_batches(input_ids: Sequence[Any], labels: Sequence[Any], *, packing:
     if have:
         cat = {k: np.concatenate(v) for k, v in pending.items()}
         yield packed_batch(cat["input_ids"], cat["labels"], cat["n_real"])
-
-
-def read_split_rows(dataset_uri: str, split: str, manifest: dict[str, Any] | None = None,
-                    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """All rows (``input_ids``, ``labels``) of one split, in manifest order, without Ray (local or S3).
-
-    Raises:
-        ChatrayError: missing dataset or split, unreadable shard.
-    """
-    import pyarrow.parquet as pq
-
-    from chatray.data.dataset import split_files
-    from chatray.storage.uri import filesystem_for
-
-    ids: list[np.ndarray] = []
-    labs: list[np.ndarray] = []
-    for uri in split_files(dataset_uri, split, manifest):
-        fs, path = filesystem_for(uri)
-        try:
-            table = pq.read_table(path, filesystem=fs, columns=["input_ids", "labels"])
-        except (OSError, ValueError) as e:
-            raise ChatrayError(f"cannot read {uri}: {e}") from e
-        ids += _as_rows(table.column("input_ids").to_numpy(zero_copy_only=False))
-        labs += _as_rows(table.column("labels").to_numpy(zero_copy_only=False))
-    return ids, labs
 
 
 def iter_local_batches(dataset_uri: str, split: str = "train", *, packing: Literal["pack", "pad"] = "pack",

@@ -22,7 +22,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from chatray.train.data import IGNORE_INDEX, Batch, dummy_batch
+from chatray.data.dataset import IGNORE_INDEX
+from chatray.train.data import Batch, dummy_batch
 
 __all__ = ["StepConfig", "StepResult", "TrainStep", "lr_multiplier", "make_optimizer", "rng_state", "set_rng_state"]
 

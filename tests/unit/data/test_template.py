@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from chatray.data.encode import IGNORE_INDEX, EncodeStats, _windows, encode_batch
+from chatray.data.dataset import IGNORE_INDEX
+from chatray.data.encode import EncodeStats, _windows, encode_batch
 from chatray.data.tokenizer import (
     CHAT_TEMPLATE,
     EOS,
