@@ -30,11 +30,9 @@ __all__ = [
 def read_state() -> dict[str, dict[str, Any]]:
     """{temp dir: record} of the clusters chatray started; {} when there is no (readable) state file."""
     try:
-        data = json.loads(state_file().read_text(encoding="utf-8"))
+        return json.loads(state_file().read_text(encoding="utf-8"))["clusters"]
     except (OSError, ValueError):
         return {}
-    clusters = data.get("clusters") if isinstance(data, dict) else None
-    return clusters if isinstance(clusters, dict) else {}  # an older single-record file records no temp dir
 
 
 def _write_state(clusters: dict[str, dict[str, Any]]) -> None:
