@@ -61,8 +61,8 @@ def cli(debug: bool) -> None:
 
 
 def _attach() -> None:
-    from chatray.cluster_commands import down, up
     from chatray.data.commands import data
+    from chatray.localcluster.commands import down, up
     from chatray.serve.commands import chat, generate, serve
     from chatray.train.commands import train
 

@@ -19,13 +19,13 @@ from support.ports import free_port
 from chatray.localcluster import (
     MARKER_ENV,
     LocalCluster,
-    _port_open,
-    _psutil,
-    _state_file,
     cluster_processes,
     start_local_cluster,
     stop_local_cluster,
 )
+from chatray.localcluster.probes import port_open
+from chatray.localcluster.processes import psutil_module
+from chatray.localcluster.settings import state_file
 from chatray.rayenv import SERVE_ENV
 
 pytestmark = pytest.mark.e2e
@@ -50,8 +50,8 @@ def test_start_then_stop_only_the_clusters_processes(tmp_path, monkeypatch):
         t = time.monotonic()
         cluster, started = start_local_cluster(cluster, num_cpus=1, wait_s=90)
         print(f"started in {time.monotonic() - t:.0f} s")
-        assert started and _port_open(cluster.host, cluster.gcs_port)
-        assert str(temp) in _state_file().read_text()
+        assert started and port_open(cluster.host, cluster.gcs_port)
+        assert str(temp) in state_file().read_text()
         assert "RAY_AUTH_MODE=token" in cluster.env_file.read_text()
         procs = cluster_processes(temp)
         names = {p.name() for p in procs}
@@ -64,11 +64,11 @@ def test_start_then_stop_only_the_clusters_processes(tmp_path, monkeypatch):
         t = time.monotonic()
         lines = stop_local_cluster(cluster=cluster, grace_s=6.0)  # recorded: no --force needed
         print(f"stopped in {time.monotonic() - t:.0f} s: {lines}")
-        psutil = _psutil()
+        psutil = psutil_module()
         assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert cluster_processes(temp) == []
-        assert not _port_open(cluster.host, cluster.gcs_port)
-        assert not _state_file().exists() and not cluster.env_file.exists()
+        assert not port_open(cluster.host, cluster.gcs_port)
+        assert not state_file().exists() and not cluster.env_file.exists()
         assert all(b.poll() is None for b in bystanders), "a process outside the cluster was stopped"
     finally:
         stop_local_cluster(cluster=cluster, force=True, grace_s=3.0)  # a no-op unless the test failed above

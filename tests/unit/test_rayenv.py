@@ -6,7 +6,8 @@ import os
 import subprocess
 import sys
 
-from chatray.localcluster import LocalCluster, _ray_env
+from chatray.localcluster import LocalCluster
+from chatray.localcluster.start import ray_start_env
 from chatray.rayenv import SERVE_ENV, apply_serve_env, serve_env
 
 
@@ -29,10 +30,10 @@ def test_ray_start_of_the_local_cluster_gets_them(monkeypatch):
     for key in SERVE_ENV:
         monkeypatch.delenv(key, raising=False)
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    env = _ray_env(LocalCluster())
+    env = ray_start_env(LocalCluster())
     assert {k: env[k] for k in SERVE_ENV} == SERVE_ENV
     monkeypatch.setenv("RAY_SERVE_USE_GRPC_BY_DEFAULT", "0")
-    assert _ray_env(LocalCluster())["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
+    assert ray_start_env(LocalCluster())["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0"
 
 
 def test_the_installed_ray_serve_reads_the_setting():

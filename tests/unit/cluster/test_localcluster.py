@@ -17,15 +17,15 @@ from chatray.errors import ChatrayError
 from chatray.localcluster import (
     MARKER_ENV,
     LocalCluster,
-    _psutil,
-    _record,
-    _state_file,
     cluster_processes,
     resources_from_env,
     start_local_cluster,
     stop_cluster_processes,
     stop_local_cluster,
 )
+from chatray.localcluster.processes import psutil_module
+from chatray.localcluster.settings import state_file
+from chatray.localcluster.state import record_cluster
 
 SLEEP = "import time; time.sleep(300)"
 
@@ -60,7 +60,7 @@ def home(tmp_path, monkeypatch) -> Path:
 
 
 def _running(pid: int) -> bool:
-    psutil = _psutil()
+    psutil = psutil_module()
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -149,7 +149,7 @@ def test_down_stops_a_recorded_cluster_and_forgets_it(tmp_path, home, spawn):
     cluster = LocalCluster(gcs_port=free_port(), dashboard_port=free_port(), temp_dir=str(tmp_path / "ray"))
     cluster.ray_temp_dir.mkdir()
     cluster.env_file.write_text("export RAY_AUTH_MODE=token\n")
-    _record(cluster)
+    record_cluster(cluster)
     ours = spawn(["sleep", "300"], marker=cluster.ray_temp_dir)
     other = spawn(["sleep", "300"], marker=tmp_path / "other")
     _wait_until(lambda: _running(ours.pid) and _running(other.pid))
@@ -158,7 +158,7 @@ def test_down_stops_a_recorded_cluster_and_forgets_it(tmp_path, home, spawn):
 
     assert any("1 processes of" in line for line in lines), lines
     assert not _running(ours.pid) and _running(other.pid)
-    assert not _state_file().exists() and not cluster.env_file.exists()
+    assert not state_file().exists() and not cluster.env_file.exists()
 
 
 def test_down_without_a_record_leaves_the_processes_unless_forced(tmp_path, home, spawn):
@@ -175,14 +175,14 @@ def test_down_without_a_record_leaves_the_processes_unless_forced(tmp_path, home
 
 def test_down_reads_the_recorded_addresses_of_the_configured_temp_dir(tmp_path, home, spawn, monkeypatch):
     temp = tmp_path / "ray"
-    _record(LocalCluster(gcs_port=free_port(), dashboard_port=free_port(), temp_dir=str(temp)))
+    record_cluster(LocalCluster(gcs_port=free_port(), dashboard_port=free_port(), temp_dir=str(temp)))
     monkeypatch.setenv("CHATRAY_RAY_TEMP_DIR", str(temp))
     p = spawn(["sleep", "300"], marker=temp)
     _wait_until(lambda: _running(p.pid))
 
     stop_local_cluster(grace_s=3.0)  # `chatray down`
 
-    assert not _running(p.pid) and not _state_file().exists()
+    assert not _running(p.pid) and not state_file().exists()
 
 
 def test_settings_from_the_environment():

@@ -5,11 +5,14 @@ with the code and the other files that consume it.
   repo file a launch comment mentions exists;
 * serve configs: Ray's ServeDeploySchema, every ``import_path`` importable and callable, chatray's ``ServeArgs``,
   Ray's ``DeploymentSchema`` for each deployment, and the app builds;
-* jobs configs: loaded with ``chatray.config.load_config(FinetuneConfig, ...)``;
+* jobs configs: loaded with ``chatray.config.load_config(FinetuneConfig, ...)``, each carrying its run, data, model
+  and scaling;
 * KubeRay manifests: the vendored (trimmed) KubeRay v1 CRD schema (schemas/kuberay_v1.schema.yaml), the rendered
   files up to date with cluster/kuberay/render.py, RayService.serveConfigV2 == serve_config.yaml apart from the
   documented overrides, the RayJob's entrypoint/config, GPU worker groups, autoscaling, token auth, one image;
-* the cluster launcher YAML: Ray's own cluster schema (ray/autoscaler/ray-schema.json) after Ray's defaults.
+* the cluster launcher YAML: Ray's own cluster schema (ray/autoscaler/ray-schema.json) after Ray's defaults, and
+  the node types, images, environment and ``ray start`` commands it must carry;
+* cluster/local/*.sh: valid bash, each running its ``python -m chatray.localcluster`` subcommand.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ from typing import Any
 
 import pytest
 import yaml
+
+import chatray
+from chatray.config import FinetuneConfig, load_config
+from chatray.localcluster import main as localcluster_main
+from chatray.rayenv import SERVE_ENV
 
 REPO = Path(__file__).resolve().parents[3]
 SCHEMA = Path(__file__).with_name("schemas") / "kuberay_v1.schema.yaml"
@@ -45,28 +53,11 @@ def _load(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
-def _import_or_skip(module: str) -> Any:
-    """Import ``module``; skip (saying so) only when that module itself does not exist yet."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and (module == e.name or module.startswith(e.name + ".")):
-            pytest.skip(f"{module} does not exist yet")
-        raise
-
-
 def _render() -> Any:
     spec = importlib.util.spec_from_file_location("chatray_kuberay_render", KUBERAY / "render.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def _finetune_loader() -> tuple[Any, Any]:
-    config = _import_or_skip("chatray.config")
-    if not hasattr(config, "FinetuneConfig"):
-        pytest.skip("TODO(lead): chatray.config has no FinetuneConfig yet; jobs/*.yaml cannot be checked")
-    return config.FinetuneConfig, config.load_config
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
@@ -158,46 +149,79 @@ def test_serve_config_is_valid_and_its_import_paths_resolve(name: str, config: d
 
     ServeDeploySchema.model_validate(config)
     apps = config["applications"]
-    assert apps, f"{name}: no applications"
+    assert [(a["name"], a["route_prefix"], a["import_path"]) for a in apps] == \
+        [("chatray", "/", "chatray.serve.app:build_app")], f"{name}: one app, chatray's builder at /"
+    assert config["proxy_location"] == "HeadOnly"
+    assert {k: v for k, v in config["http_options"].items() if k != "host"} == {"port": 8000, "request_timeout_s": 120}
     for app in apps:
         module_name, _, attr = app["import_path"].partition(":")
         assert attr, f"{name}: import_path {app['import_path']!r} must be module:attribute"
-        module = _import_or_skip(module_name)
+        module = importlib.import_module(module_name)
         builder = getattr(module, attr, None)
         assert callable(builder), f"{name}: {app['import_path']} is not callable"
         options = {}
         for d in app.get("deployments") or []:
             opts = DeploymentSchema.model_validate(d).model_dump(exclude_unset=True)
             options[opts.pop("name")] = opts
-        if module_name == "chatray.serve.app":
-            args = module.ServeArgs.model_validate(app.get("args") or {})
-            assert set(options) <= {"Ingress", "Generator"}, f"{name}: unknown deployments {sorted(options)}"
-            # The deployment options are ones the deployments accept, and the app builds with them.
-            build = getattr(module, "build_app_with_options", None)
-            application = build(args, options) if build else builder(args)
-            assert type(application).__name__ == "Application"
+        args = module.ServeArgs.model_validate(app.get("args") or {})
+        assert set(options) <= {"Ingress", "Generator"}, f"{name}: unknown deployments {sorted(options)}"
+        assert list(options) == ["Ingress", "Generator"], f"{name}: deployments {list(options)}"
+        assert options["Ingress"]["num_replicas"] == 1
+        assert options["Generator"]["autoscaling_config"]["min_replicas"] == 1
+        assert options["Generator"]["autoscaling_config"]["max_replicas"] == 2
+        assert (args.api_key_env, args.max_batch_size, args.max_body_bytes) == ("CHATRAY_API_KEY", 16, 1048576)
+        # The deployment options are ones the deployments accept, and the app builds with them.
+        application = module.build_app_with_options(args, options)
+        assert type(application).__name__ == "Application"
+
+
+def test_serve_config_serves_what_the_demo_job_writes_on_loopback():
+    config = _load(REPO / "serve_config.yaml")
+    cfg = load_config(FinetuneConfig, REPO / "jobs" / "finetune_tiny.yaml")
+    assert config["applications"][0]["args"]["checkpoint"] == f"{cfg.run.storage_path}/{cfg.run.name}:best"
+    assert config["http_options"]["host"] == "127.0.0.1"  # no API key by default: loopback only
+    generator = next(d for d in config["applications"][0]["deployments"] if d["name"] == "Generator")
+    assert generator["ray_actor_options"] == {"num_cpus": 1}  # the CPU profile; rayservice.yaml gives it a GPU
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # jobs/*.yaml
 
 
+# What each job config runs: (run.name, data.path, model.name, train.max_steps, scaling.num_workers, use_gpu).
+JOBS = {
+    "finetune_tiny.yaml": ("tiny-demo", ".demo/data", "tiny", 200, 1, False),
+    "finetune_gpt2.yaml": ("gpt2-chat", "s3://chatray/data/chat-gpt2", "gpt2", 2000, 2, True),
+    "finetune_gpt2_medium.yaml": ("gpt2-medium-chat", "s3://chatray/data/chat-gpt2", "gpt2-medium", 3000, 4, True),
+}
+
+
 @pytest.mark.parametrize("path", sorted(REPO.glob("jobs/*.yaml")), ids=_rel)
 def test_job_config_loads_with_the_training_config_loader(path: Path):
-    FinetuneConfig, load_config = _finetune_loader()
     assert path.name.startswith("finetune"), f"{_rel(path)}: no loader known for this job config; add it here"
+    assert path.name in JOBS, f"{_rel(path)}: add what it runs to JOBS here"
     cfg = load_config(FinetuneConfig, path)
     assert cfg.run.name and cfg.data.path and cfg.train.max_steps >= 1
+    assert (cfg.run.name, cfg.data.path, cfg.model.name, cfg.train.max_steps, cfg.scaling.num_workers,
+            cfg.scaling.use_gpu) == JOBS[path.name]
     if cfg.scaling.use_gpu:
         # A multi-GPU job runs on a cluster: its data and checkpoints must be on storage every node reaches.
         assert "://" in cfg.run.storage_path and "://" in cfg.data.path, \
             f"{_rel(path)}: a GPU job config should use shared storage (s3://) for data.path and run.storage_path"
 
 
-def test_job_entrypoint_script_exists_and_takes_config_and_set():
+def test_job_entrypoint_script_exists_and_takes_config_and_set(capsys):
     script = REPO / "jobs" / "finetune.py"
     text = script.read_text(encoding="utf-8")
     assert "--config" in text and "--set" in text and "__main__" in text
+    spec = importlib.util.spec_from_file_location("chatray_jobs_finetune", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit) as exit_info:
+        mod.main(["--help"])
+    assert exit_info.value.code == 0
+    usage = capsys.readouterr().out
+    assert "--config CONFIG" in usage and "--set KEY=VALUE" in usage, usage
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,11 +302,11 @@ def test_rayservice_serve_config_is_serve_config_yaml_apart_from_the_documented_
     app = served["applications"][0]
     gen = next(d for d in app["deployments"] if d["name"] == "Generator")
     assert gen["ray_actor_options"]["num_gpus"] == 1
+    assert gen["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1}
     assert served["http_options"]["host"] == "0.0.0.0"
 
 
 def test_rayservice_serves_the_checkpoint_the_rayjob_writes():
-    FinetuneConfig, load_config = _finetune_loader()
     job = _load(KUBERAY / "rayjob.yaml")["spec"]
     argv = shlex.split(job["entrypoint"])
     assert argv[:2] == ["python", "jobs/finetune.py"], job["entrypoint"]
@@ -319,34 +343,39 @@ def _dockerfile() -> dict[str, str]:
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=_rel)
 def test_kuberay_cluster_has_token_auth_autoscaling_gpus_and_one_image(path: Path):
-    import chatray
-
     cluster = _cluster_spec(_load(path))
     assert cluster["authOptions"]["mode"] == "token"
     assert cluster["enableInTreeAutoscaling"] is True
     group = _gpu_group(cluster)
     assert 0 == group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"] and group["maxReplicas"] > 0
+    assert (group["groupName"], group["replicas"], group["minReplicas"], group["maxReplicas"]) == ("gpu", 0, 0, 4)
     res = group["template"]["spec"]["containers"][0]["resources"]
     assert int(res["limits"]["nvidia.com/gpu"]) >= 1
     gpus = res["limits"]["nvidia.com/gpu"]
     assert res.get("requests", {}).get("nvidia.com/gpu", gpus) == gpus, "GPU requests must equal limits"
+    assert res["limits"] == res["requests"] == {"cpu": "7", "memory": "24Gi", "nvidia.com/gpu": "1"}
+    # No training or replicas on the head: it runs the control plane, job drivers and the Serve proxy.
+    assert cluster["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
     # One image everywhere, tagged with chatray's version, built FROM Ray's image of the cluster's rayVersion.
     images = {c["image"] for c in _containers(cluster)}
     assert len(images) == 1, f"containers use different images: {images}"
+    assert images == {f"registry.example.com/chatray:{chatray.__version__}"}
     assert images.pop().endswith(f":{chatray.__version__}")
     assert _dockerfile()["base"].startswith(f"rayproject/ray:{cluster['rayVersion']}-")
     # The head exposes the ports clients and the operator use.
-    head_ports = {p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    ports = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]
+    head_ports = {p["containerPort"] for p in ports}
     assert {6379, 8265, 8000} <= head_ports
+    assert {p["name"]: p["containerPort"] for p in ports} == {"gcs-server": 6379, "dashboard": 8265, "client": 10001,
+                                                                "serve": 8000}
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=_rel)
 def test_kuberay_ray_containers_get_chatrays_serve_data_plane(path: Path):
-    from chatray.rayenv import SERVE_ENV
-
     for c in _containers(_cluster_spec(_load(path))):
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, c["name"]
+        assert env == {"AWS_REGION": "us-west-2", **SERVE_ENV}, c["name"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +396,6 @@ def test_launcher_yaml_matches_rays_cluster_schema():
 
 
 def test_launcher_yaml_has_gpu_autoscaling_token_auth_and_installs_chatray():
-    FinetuneConfig, load_config = _finetune_loader()
     config = _load(LAUNCHER)
     assert config["provider"]["type"] == "aws"
     head = config["available_node_types"][config["head_node_type"]]
@@ -375,11 +403,13 @@ def test_launcher_yaml_has_gpu_autoscaling_token_auth_and_installs_chatray():
     assert len(gpu) == 1, "expected one GPU worker node type"
     gpu = gpu[0]
     assert gpu["min_workers"] == 0 < gpu["max_workers"] <= config["max_workers"]
+    assert (gpu["min_workers"], gpu["max_workers"], config["max_workers"]) == (0, 4, 4)
     assert "GPU" not in head.get("resources", {})
+    assert (head["resources"], gpu["resources"]) == ({"CPU": 8}, {"CPU": 4, "GPU": 1})
+    assert (head["node_config"]["InstanceType"], gpu["node_config"]["InstanceType"]) == ("m5.2xlarge", "g5.xlarge")
     # Every node authenticates with the same token, copied from the launching machine.
     assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
-    from chatray.rayenv import SERVE_ENV
-
+    assert config["file_mounts"] == {"~/chatray": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert any("RAY_AUTH_MODE=token" in c and "ray start" in c for c in config[key]), key
         # chatray's Serve data plane, exported before `ray start` on every node.
@@ -391,10 +421,13 @@ def test_launcher_yaml_has_gpu_autoscaling_token_auth_and_installs_chatray():
     for src in local:
         assert (REPO / src).exists(), f"file_mounts source {src} (relative to the repo root) does not exist"
     assert any("chatray" in c and "pip install" in c for c in config["setup_commands"])
+    assert config["setup_commands"] == ['pip install -q -U "$HOME/chatray"']
     # The images are Ray's, at the same version as the KubeRay manifests.
     ray_version = _load(KUBERAY / "raycluster.yaml")["spec"]["rayVersion"]
     for key in ("image", "head_image"):
         assert config["docker"][key].startswith(f"rayproject/ray:{ray_version}-"), key
+    assert config["docker"]["image"] == f"rayproject/ray:{ray_version}-py311-gpu"
+    assert config["docker"]["head_image"] == f"rayproject/ray:{ray_version}-py311"
     # The GPU job fits: a Train worker's CPUs on a GPU node, and CPUs somewhere for Ray Data.
     cfg = load_config(FinetuneConfig, REPO / "jobs" / "finetune_gpt2.yaml")
     assert gpu["resources"]["CPU"] >= cfg.scaling.cpus_per_worker
@@ -402,13 +435,43 @@ def test_launcher_yaml_has_gpu_autoscaling_token_auth_and_installs_chatray():
     assert cfg.scaling.num_workers <= gpu["max_workers"] * gpu["resources"]["GPU"]
 
 
+def _start_command(command: str) -> tuple[dict[str, str], list[str]]:
+    """The variables an ``export A=1 B=2; ...; ray start ...`` command sets, and its ``ray start`` argv."""
+    parts = [p.strip() for p in command.split(";")]
+    exports = dict(kv.split("=", 1) for p in parts if p.startswith("export ") for kv in p.split()[1:])
+    (start,) = [shlex.split(p) for p in parts if p.startswith("ray start")]
+    return exports, start
+
+
+def test_launcher_yaml_starts_ray_with_token_auth_the_serve_data_plane_and_loopback_dashboard():
+    config = _load(LAUNCHER)
+    env = {"RAY_AUTH_MODE": "token", "AWS_REGION": config["provider"]["region"], **SERVE_ENV}
+    assert config["provider"]["region"] == "us-west-2"
+    head = ["ray", "start", "--head", "--port=6379", "--object-manager-port=8076",
+            "--autoscaling-config=~/ray_bootstrap_config.yaml", "--dashboard-host=127.0.0.1", "--dashboard-port=8265",
+            "--disable-usage-stats"]
+    worker = ["ray", "start", "--address=$RAY_HEAD_IP:6379", "--object-manager-port=8076", "--disable-usage-stats"]
+    for key, argv in (("head_start_ray_commands", head), ("worker_start_ray_commands", worker)):
+        stop, start = config[key]
+        assert stop == "ray stop", key
+        assert _start_command(start) == (env, argv), key
+        assert "ulimit -n 65536;" in start, key
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # cluster/local scripts (not YAML, but shipped next to it)
 
 
 @pytest.mark.parametrize("path", SCRIPTS, ids=_rel)
-def test_local_cluster_script_is_valid_bash(path: Path):
+def test_local_cluster_script_is_valid_bash(path: Path, capsys):
     subprocess.run(["bash", "-n", str(path)], check=True)
     lines = path.read_text(encoding="utf-8").splitlines()
     if not path.name.startswith("_"):
         assert lines[0] == "#!/usr/bin/env bash" and "launch" in lines[1].lower() and path.name in lines[1]
+        assert lines[1].startswith(f"# Launch: cluster/local/{path.name}")
+        # Each script runs the python -m chatray.localcluster subcommand of its name, which that CLI knows.
+        command = path.stem
+        assert lines[-3:] == ["set -euo pipefail", 'source "$(dirname "${BASH_SOURCE[0]}")/_env.sh"',
+                              f'exec "$PY" -m chatray.localcluster {command} "$@"']
+        assert localcluster_main([command, "--help"]) == 0
+        assert f"python -m chatray.localcluster {command} [" in capsys.readouterr().out
