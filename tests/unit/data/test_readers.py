@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from chatray.data.readers import DataError, collect_files, iter_conversations, read_file
+from chatray.data.formats import DataError
+from chatray.data.readers import collect_files, iter_conversations, read_file
 from chatray.errors import ChatrayError
 
 
