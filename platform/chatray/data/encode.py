@@ -27,7 +27,6 @@ from chatray.data.tokenizer import render_chat
 __all__ = ["EncodeStats", "EncodedRows", "encode_batch", "encode_rendered", "render_batch"]
 
 
-
 @dataclass
 class EncodeStats:
     """Counts for the manifest (every field is a counter)."""
@@ -106,10 +105,6 @@ class EncodedRows:
     labels: np.ndarray  # int32, IGNORE_INDEX where no loss
     offsets: np.ndarray  # int64, len(rows) + 1
     stats: EncodeStats
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets).astype(np.int32)
 
     def rows(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         o = self.offsets
