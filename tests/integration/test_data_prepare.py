@@ -63,6 +63,34 @@ def test_chinese_round_trips_through_dataset(demo_dataset):
     assert tok.decode(ids).endswith("<|assistant|>\n")
 
 
+def test_show_dataset_marks_exactly_the_loss_tokens(demo_dataset):
+    """`chatray data inspect`: the manifest summary, and the row decoded with each run of loss tokens in [[...]]."""
+    from chatray.data.show import show_dataset
+
+    out, m = demo_dataset
+    text = show_dataset(str(out), split="eval", index=1, color=False)
+    head, example = text.split("\n\n", 1)
+    assert f"vocab={m['tokenizer']['vocab_size']}" in head and m["tokenizer"]["fingerprint"] in head
+    assert f"eval         {m['splits']['eval']['rows']:,} rows" in head
+    row = pq.read_table(out / m["splits"]["eval"]["files"][0]).slice(1, 1).to_pylist()[0]
+    tok = load_tokenizer(str(out))
+    assert example.startswith(f"eval row 1 ({row['length']} tokens; loss-bearing text in [[...]]):\n")
+    rendered = example.split("\n", 1)[1]
+    marked = [seg.split("]]")[0] for seg in rendered.split("[[")[1:]]
+    loss_runs, run = [], []
+    for i, lab in zip(row["input_ids"] + [0], row["labels"] + [IGNORE_INDEX]):
+        if lab != IGNORE_INDEX:
+            run.append(i)
+        elif run:
+            loss_runs.append(tok.decode(run))
+            run = []
+    assert marked == loss_runs and marked
+    assert rendered.replace("[[", "").replace("]]", "") == tok.decode(row["input_ids"])
+    colored = show_dataset(str(out), split="eval", index=1, color=True)
+    assert colored.count("\x1b[32m") == len(loss_runs) and "[[" not in colored
+    assert show_dataset(str(out), split="eval", index=10**6).endswith("(eval has no row 1000000)")
+
+
 def test_deterministic_for_a_seed(demo_dataset, tmp_path, ray_session):
     out, m = demo_dataset
     again = tmp_path / "again"
