@@ -37,7 +37,6 @@ __all__ = [
     "FORMAT_VERSION",
     "IGNORE_INDEX",
     "MANIFEST",
-    "SPLITS",
     "DatasetWriter",
     "as_int32_rows",
     "load_tokenizer",
@@ -50,7 +49,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS: tuple[str, ...] = ("train", "eval")
+_SPLITS: tuple[str, ...] = ("train", "eval")
 IGNORE_INDEX = -100  # a label that carries no loss (torch cross_entropy's default ignore_index)
 _TOKENIZER_DIR = "tokenizer"
 _OVER_LENGTH_RULE = ("split at message boundaries into windows of whole messages; a single message longer than "
@@ -100,7 +99,7 @@ class DatasetWriter:
         self.folder = folder
         self.splits: dict[str, dict[str, Any]] = {
             name: {"rows": 0, "tokens": 0, "loss_tokens": 0, "files": [], "conversations": conversations[name]}
-            for name in SPLITS}
+            for name in _SPLITS}
 
     def add_shard(self, split: str, index: int, parquet: bytes, *, rows: int, tokens: int, loss_tokens: int) -> str:
         """Write shard ``index`` of ``split`` (a finished Parquet file) and count it; returns its relative path.
