@@ -10,6 +10,7 @@ import pytest
 
 from chatray.data.dataset import IGNORE_INDEX, load_tokenizer, read_manifest, split_files
 from chatray.data.prepare import prepare_dataset
+from chatray.data.tokenizer import CHAT_TEMPLATE, tokenizer_fingerprint
 from chatray.errors import ChatrayError
 
 pytestmark = pytest.mark.integration
@@ -46,7 +47,11 @@ def test_layout_manifest_and_read_back_with_ray_data(demo_dataset, ray_session):
     assert c["conversations"] == m["splits"]["train"]["conversations"] + m["splits"]["eval"]["conversations"]
     assert c["rows"] == m["splits"]["train"]["rows"] + m["splits"]["eval"]["rows"]
     assert c["invalid_skipped"] >= 1  # the bundled corpus has a malformed record, counted not fatal
-    assert read_manifest(str(out))["tokenizer"]["fingerprint"].startswith("sha256:")
+    assert c["invalid_skipped"] == sum(s["skipped"] for s in m["sources"]) == len(m["invalid_examples"])
+    assert c["shards"] == 3 and len(m["splits"]["eval"]["files"]) == 2
+    assert read_manifest(str(out)) == m
+    assert m["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tok) and m["chat_template"] == CHAT_TEMPLATE
+    assert m["format_version"] == 1 and m["max_length"] == 96 and m["seed"] == 7
 
 
 def test_chinese_round_trips_through_dataset(demo_dataset):
@@ -131,7 +136,7 @@ def test_skip_invalid_counts_in_manifest(tmp_path, ray_session):
     m = prepare_dataset([str(f)], str(tmp_path / "o"), tokenizer="train:300", max_length=32, skip_invalid=True,
                         progress=False)
     assert m["counts"]["invalid_skipped"] == 2 and m["counts"]["conversations"] == 20
-    assert any("mix.jsonl:line 21" in e for e in m["invalid_examples"])
+    assert [e.split(": ", 1)[0] for e in m["invalid_examples"]] == [f"{f}:line 21", f"{f}:line 22"]
 
 
 def test_s3_output_and_read_back(s3_server, ray_session, tmp_path):
@@ -144,7 +149,8 @@ def test_s3_output_and_read_back(s3_server, ray_session, tmp_path):
     got = read_manifest(uri)
     assert got["splits"] == m["splits"]
     tok = load_tokenizer(uri)
-    assert tok.chat_template and len(tok) == m["tokenizer"]["vocab_size"]
+    assert tok.chat_template == CHAT_TEMPLATE and len(tok) == m["tokenizer"]["vocab_size"]
+    assert tokenizer_fingerprint(tok) == m["tokenizer"]["fingerprint"]
     fs, path = filesystem_for(uri)
     ds = ray.data.read_parquet(f"{path}/train", filesystem=fs)
     assert ds.count() == m["splits"]["train"]["rows"]
