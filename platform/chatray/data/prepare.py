@@ -377,7 +377,7 @@ def prepare_dataset(
         started_ray, cpus = _start_ray(opts, timing)
         if loaded is None:
             loaded = _read(inputs, files, opts, timing, cpus)
-        del files
+        del files  # their bytes are read; the blocks hold what is left to do
         with staging_folder(out) as staging:
             manifest = _write(staging, loaded, opts, cpus, timing)
             publish(staging, out, overwrite)
