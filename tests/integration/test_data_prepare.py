@@ -10,6 +10,7 @@ import pytest
 
 from chatray.data.dataset import IGNORE_INDEX, load_tokenizer, read_manifest, split_files
 from chatray.data.prepare import prepare_dataset
+from chatray.data.tokenizer import CHAT_TEMPLATE, tokenizer_fingerprint
 from chatray.errors import ChatrayError
 
 pytestmark = pytest.mark.integration
@@ -46,7 +47,11 @@ def test_layout_manifest_and_read_back_with_ray_data(demo_dataset, ray_session):
     assert c["conversations"] == m["splits"]["train"]["conversations"] + m["splits"]["eval"]["conversations"]
     assert c["rows"] == m["splits"]["train"]["rows"] + m["splits"]["eval"]["rows"]
     assert c["invalid_skipped"] >= 1  # the bundled corpus has a malformed record, counted not fatal
-    assert read_manifest(str(out))["tokenizer"]["fingerprint"].startswith("sha256:")
+    assert c["invalid_skipped"] == sum(s["skipped"] for s in m["sources"]) == len(m["invalid_examples"])
+    assert c["shards"] == 3 and len(m["splits"]["eval"]["files"]) == 2
+    assert read_manifest(str(out)) == m
+    assert m["tokenizer"]["fingerprint"] == tokenizer_fingerprint(tok) and m["chat_template"] == CHAT_TEMPLATE
+    assert m["format_version"] == 1 and m["max_length"] == 96 and m["seed"] == 7
 
 
 def test_chinese_round_trips_through_dataset(demo_dataset):
@@ -61,6 +66,34 @@ def test_chinese_round_trips_through_dataset(demo_dataset):
     # The saved tokenizer formats prompts exactly like training rows.
     ids = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True)
     assert tok.decode(ids).endswith("<|assistant|>\n")
+
+
+def test_show_dataset_marks_exactly_the_loss_tokens(demo_dataset):
+    """`chatray data inspect`: the manifest summary, and the row decoded with each run of loss tokens in [[...]]."""
+    from chatray.data.show import show_dataset
+
+    out, m = demo_dataset
+    text = show_dataset(str(out), split="eval", index=1, color=False)
+    head, example = text.split("\n\n", 1)
+    assert f"vocab={m['tokenizer']['vocab_size']}" in head and m["tokenizer"]["fingerprint"] in head
+    assert f"eval         {m['splits']['eval']['rows']:,} rows" in head
+    row = pq.read_table(out / m["splits"]["eval"]["files"][0]).slice(1, 1).to_pylist()[0]
+    tok = load_tokenizer(str(out))
+    assert example.startswith(f"eval row 1 ({row['length']} tokens; loss-bearing text in [[...]]):\n")
+    rendered = example.split("\n", 1)[1]
+    marked = [seg.split("]]")[0] for seg in rendered.split("[[")[1:]]
+    loss_runs, run = [], []
+    for i, lab in zip(row["input_ids"] + [0], row["labels"] + [IGNORE_INDEX]):
+        if lab != IGNORE_INDEX:
+            run.append(i)
+        elif run:
+            loss_runs.append(tok.decode(run))
+            run = []
+    assert marked == loss_runs and marked
+    assert rendered.replace("[[", "").replace("]]", "") == tok.decode(row["input_ids"])
+    colored = show_dataset(str(out), split="eval", index=1, color=True)
+    assert colored.count("\x1b[32m") == len(loss_runs) and "[[" not in colored
+    assert show_dataset(str(out), split="eval", index=10**6).endswith("(eval has no row 1000000)")
 
 
 def test_deterministic_for_a_seed(demo_dataset, tmp_path, ray_session):
@@ -103,7 +136,7 @@ def test_skip_invalid_counts_in_manifest(tmp_path, ray_session):
     m = prepare_dataset([str(f)], str(tmp_path / "o"), tokenizer="train:300", max_length=32, skip_invalid=True,
                         progress=False)
     assert m["counts"]["invalid_skipped"] == 2 and m["counts"]["conversations"] == 20
-    assert any("mix.jsonl:line 21" in e for e in m["invalid_examples"])
+    assert [e.split(": ", 1)[0] for e in m["invalid_examples"]] == [f"{f}:line 21", f"{f}:line 22"]
 
 
 def test_s3_output_and_read_back(s3_server, ray_session, tmp_path):
@@ -116,7 +149,8 @@ def test_s3_output_and_read_back(s3_server, ray_session, tmp_path):
     got = read_manifest(uri)
     assert got["splits"] == m["splits"]
     tok = load_tokenizer(uri)
-    assert tok.chat_template and len(tok) == m["tokenizer"]["vocab_size"]
+    assert tok.chat_template == CHAT_TEMPLATE and len(tok) == m["tokenizer"]["vocab_size"]
+    assert tokenizer_fingerprint(tok) == m["tokenizer"]["fingerprint"]
     fs, path = filesystem_for(uri)
     ds = ray.data.read_parquet(f"{path}/train", filesystem=fs)
     assert ds.count() == m["splits"]["train"]["rows"]

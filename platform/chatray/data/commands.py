@@ -60,7 +60,7 @@ def inspect(dataset: str, split: str, index: int, color: bool | None) -> None:
     """Print a dataset's manifest summary and one example with loss-bearing tokens marked."""
     import sys
 
-    from chatray.data.inspect import inspect_dataset
+    from chatray.data.show import show_dataset
 
-    click.echo(inspect_dataset(dataset, split=split, index=index,
-                               color=sys.stdout.isatty() if color is None else color))
+    click.echo(show_dataset(dataset, split=split, index=index,
+                            color=sys.stdout.isatty() if color is None else color))

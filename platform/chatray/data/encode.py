@@ -7,11 +7,11 @@ Loss mask: a token carries loss when its first character lies inside an assistan
 content and its EOS); every other position gets ``labels = -100``. With ``train_on_all`` every token
 carries loss.
 
-Over-length rule (documented in the README): a conversation whose tokens exceed ``max_length`` is split at
-message boundaries into consecutive windows of whole messages, each as long as fits. A single message
-longer than ``max_length`` becomes its own window, truncated to ``max_length`` tokens. Windows without any
-loss-bearing token (e.g. a lone user message) are dropped. Every split, truncation and drop is counted in
-the manifest; nothing is lost silently.
+Over-length rule (each manifest states it in ``over_length_rule``): a conversation whose tokens exceed
+``max_length`` is split at message boundaries into consecutive windows of whole messages, each as long as fits.
+A single message longer than ``max_length`` becomes its own window, truncated to ``max_length`` tokens. Windows
+without any loss-bearing token (e.g. a lone user message) are dropped. Every split, truncation and drop is counted
+in the manifest; nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from chatray.data.tokenizer import render_chat
 __all__ = ["EncodeStats", "EncodedRows", "encode_batch", "encode_rendered", "render_batch"]
 
 
-
 @dataclass
 class EncodeStats:
     """Counts for the manifest (every field is a counter)."""
@@ -41,6 +40,7 @@ class EncodeStats:
     dropped_windows: int = 0
 
     def add(self, other: EncodeStats) -> None:
+        """Add ``other``'s counts to these."""
         for k in self.counters():
             setattr(self, k, getattr(self, k) + getattr(other, k))
 
@@ -107,11 +107,8 @@ class EncodedRows:
     offsets: np.ndarray  # int64, len(rows) + 1
     stats: EncodeStats
 
-    @property
-    def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets).astype(np.int32)
-
     def rows(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(input_ids rows, labels rows) as views into the flat buffers."""
         o = self.offsets
         return ([self.ids[o[i]:o[i + 1]] for i in range(len(o) - 1)],
                 [self.labels[o[i]:o[i + 1]] for i in range(len(o) - 1)])

@@ -1,44 +1,34 @@
-"""Readers for the dialogue formats ``data prepare`` accepts, with exact error locations.
+"""Reading dialogue inputs: files and folders to bytes, bytes to conversations, in parallel where they are large.
 
-Every reader yields :class:`Conversation` objects whose messages are ``{"role", "content"}`` dicts with
-roles ``system | user | assistant``. A bad record raises :class:`DataError` naming file, line (JSONL)
-or record (JSON/YAML) and the reason; with ``skip_invalid`` the caller counts and skips it instead.
-
-Formats:
-    openai      JSONL (or JSON list) of ``{"messages": [{"role": ..., "content": ...}, ...]}``
-    sharegpt    JSON/JSONL of ``{"conversations": [{"from": "human|gpt|system", "value": ...}, ...]}``
-    turns       JSON/JSONL of lists of strings alternating user/assistant (``[[u, a, u, a], ...]``)
-    chatterbot  YAML with ``conversations:`` lists of turns (the chatterbot-corpus layout)
+The driver reads each input file's bytes (:func:`load_inputs`); :func:`split_parts` cuts them into parts (a large
+JSONL file into runs of whole lines), :func:`read_part` parses one part (in a Ray task or here) without raising, and
+:func:`merge_parts` puts the results back in input order and raises the error reading the files one by one would
+have raised. Record formats and their errors are in :mod:`chatray.data.formats`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
 
+from chatray.data.formats import (
+    Conversation,
+    DataError,
+    count_line_ends,
+    detect_format,
+    is_json_document,
+    parse_records,
+)
 from chatray.errors import ChatrayError
 
-try:
-    import orjson as _orjson
-except ImportError:  # optional: the standard library parses the same records, slower
-    _orjson = None
-
 __all__ = [
-    "FORMATS",
-    "ROLES",
-    "Conversation",
-    "DataError",
-    "Format",
     "InputFile",
     "Part",
     "PartResult",
+    "SourceFile",
     "collect_files",
-    "detect_format",
     "iter_conversations",
     "load_inputs",
     "merge_parts",
@@ -47,34 +37,14 @@ __all__ = [
     "split_parts",
 ]
 
-Format = Literal["auto", "openai", "sharegpt", "turns", "chatterbot"]
-FORMATS: tuple[str, ...] = ("auto", "openai", "sharegpt", "turns", "chatterbot")
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
-_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "chatgpt": "assistant", "bot": "assistant", "model": "assistant"}
 _SUFFIXES = {".jsonl", ".json", ".yml", ".yaml"}
-
-
-class DataError(ChatrayError):
-    """A bad input record: ``where`` is ``file:line N`` or ``file: record N``."""
-
-    def __init__(self, where: str, reason: str) -> None:
-        super().__init__(f"{where}: {reason}", hint="fix the record, or pass --skip-invalid to skip and count it")
-        self.where = where
-        self.reason = reason
-
-
-@dataclass
-class Conversation:
-    """One dialogue: ``messages`` plus where it came from (for error messages and the manifest)."""
-
-    messages: list[dict[str, str]]
-    source: str
-    meta: dict[str, Any] = field(default_factory=dict)
+_LEADING_SPACE = re.compile(rb"[ \t\r\n]*")
 
 
 @dataclass
 class SourceFile:
+    """One input file's entry in the manifest's ``sources``."""
+
     path: str
     sha256: str
     format: str
@@ -109,203 +79,6 @@ def collect_files(inputs: list[str]) -> list[Path]:
             seen.add(r)
             out.append(f)
     return out
-
-
-def detect_format(path: Path, text: str) -> str:
-    """Guess the format of one file from its suffix and first record.
-
-    Raises:
-        DataError: when nothing recognisable is found.
-    """
-    suffix = path.suffix.lower()
-    if suffix in (".yml", ".yaml"):
-        return "chatterbot"
-    first: Any = None
-    stripped = text.lstrip()
-    if not stripped:
-        raise DataError(str(path), "file is empty")
-    if suffix == ".json" or stripped.startswith("["):
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError:
-            doc = None
-        if isinstance(doc, list) and doc:
-            first = doc[0]
-        elif isinstance(doc, dict):
-            first = doc
-    if first is None:
-        for i, line in enumerate(_lines(text), 1):
-            if line.strip():
-                try:
-                    first = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:line {i}", f"malformed JSON ({e.msg} at column {e.colno})") from e
-                break
-    if isinstance(first, dict) and "messages" in first:
-        return "openai"
-    if isinstance(first, dict) and "conversations" in first:
-        return "sharegpt"
-    if isinstance(first, list):
-        return "turns"
-    raise DataError(f"{path}", "cannot tell the format from the first record (expected an object with 'messages' "
-                    "or 'conversations', or a list of turns); pass --format")
-
-
-_LINE_END = re.compile(r"\r\n|\r|\n")  # not str.splitlines(): U+2028, U+0085... are legal inside JSON strings
-
-
-def _lines(text: str) -> list[str]:
-    """``text`` cut at :data:`_LINE_END` (plain ``str.split`` when there is no \\r: six times faster)."""
-    return _LINE_END.split(text) if "\r" in text else text.split("\n")
-
-
-def _count_line_ends(data: bytes, start: int = 0, end: int | None = None) -> int:
-    """Line ends in ``data[start:end]`` as :data:`_LINE_END` counts them (\\r\\n, \\r or \\n)."""
-    return data.count(b"\n", start, end) + data.count(b"\r", start, end) - data.count(b"\r\n", start, end)
-
-
-def _records(path: Path, text: str, first_line: int = 1,
-             lines_only: bool = False) -> Iterator[tuple[str, Any, str | None]]:
-    """(location, record, JSONL line or None) of a JSON array/object file or a JSONL file (or a run of JSONL lines
-    starting at line ``first_line`` when ``lines_only``)."""
-    stripped = text.lstrip()
-    if not lines_only and (path.suffix.lower() == ".json" or _json_document(stripped)):
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            if path.suffix.lower() == ".json":
-                raise DataError(f"{path}:line {e.lineno}", f"malformed JSON ({e.msg} at column {e.colno})") from e
-            doc = None
-        if doc is not None:
-            if isinstance(doc, dict):
-                doc = [doc]
-            if not isinstance(doc, list):
-                raise DataError(str(path), f"top level must be a list of records, got {type(doc).__name__}")
-            for i, rec in enumerate(doc):
-                yield f"{path}: record {i}", rec, None
-            return
-    for i, line in enumerate(_lines(text), first_line):
-        if not line or line.isspace():
-            continue
-        try:
-            rec = _loads(line)
-        except json.JSONDecodeError as e:
-            yield (f"{path}:line {i}",
-                   DataError(f"{path}:line {i}", f"malformed JSON ({e.msg} at column {e.colno})"), line)
-            continue
-        yield f"{path}:line {i}", rec, line
-
-
-def _loads(line: str) -> Any:
-    """``json.loads`` of one JSONL line, through orjson when it is installed (several times faster); whatever orjson
-    refuses goes to ``json.loads``, so what parses and every error message stay exactly the standard library's."""
-    if _orjson is not None:
-        try:
-            return _orjson.loads(line)
-        except _orjson.JSONDecodeError:
-            pass
-    return json.loads(line)
-
-
-def _json_document(stripped: str) -> bool:
-    """Whether text (leading whitespace removed) is tried as one JSON document rather than as JSONL lines: it
-    opens a list, and not as a JSONL line of turns (``["hi", ...]``) does."""
-    return stripped.startswith("[") and not stripped.startswith("[\"")
-
-
-_ROLE_SET = frozenset(ROLES)
-
-
-def _check(where: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
-    if not messages:
-        raise DataError(where, "empty conversation (no messages)")
-    has_assistant = False
-    for j, m in enumerate(messages):
-        role, content = m["role"], m["content"]
-        if not isinstance(role, str) or role not in _ROLE_SET:
-            raise DataError(where, f"message {j}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str):
-            raise DataError(where, f"message {j}: content must be a string, got {type(content).__name__}")
-        if not content or content.isspace():
-            raise DataError(where, f"message {j} ({role}): empty content")
-        if role == "assistant":
-            has_assistant = True
-        elif role == "system" and j != 0:
-            raise DataError(where, f"message {j}: a system message may only come first")
-    if not has_assistant:
-        raise DataError(where, "conversation has no assistant turn (nothing to learn from)")
-    return messages
-
-
-def _from_openai(where: str, rec: Any) -> list[dict[str, str]]:
-    if not isinstance(rec, dict) or "messages" not in rec:
-        raise DataError(where, "expected an object with a 'messages' list")
-    msgs = rec["messages"]
-    if not isinstance(msgs, list):
-        raise DataError(where, f"'messages' must be a list, got {type(msgs).__name__}")
-    out = []
-    for j, m in enumerate(msgs):
-        try:
-            out.append({"role": m["role"], "content": m["content"]})
-        except (KeyError, TypeError, IndexError):
-            if not isinstance(m, dict):
-                raise DataError(where, f"message {j}: expected an object with 'role' and 'content'") from None
-            key = "role" if "role" not in m else "content"
-            raise DataError(where, f"message {j}: missing '{key}'") from None
-    return _check(where, out)
-
-
-def _from_sharegpt(where: str, rec: Any) -> list[dict[str, str]]:
-    if not isinstance(rec, dict) or "conversations" not in rec:
-        raise DataError(where, "expected an object with a 'conversations' list")
-    turns = rec["conversations"]
-    if not isinstance(turns, list):
-        raise DataError(where, f"'conversations' must be a list, got {type(turns).__name__}")
-    out = []
-    for j, t in enumerate(turns):
-        if not isinstance(t, dict):
-            raise DataError(where, f"turn {j}: expected an object with 'from' and 'value'")
-        for key in ("from", "value"):
-            if key not in t:
-                raise DataError(where, f"turn {j}: missing '{key}'")
-        role = _SHAREGPT_ROLES.get(str(t["from"]).lower())
-        if role is None:
-            raise DataError(where, f"turn {j}: unknown speaker {t['from']!r} (expected human, gpt or system)")
-        out.append({"role": role, "content": t["value"]})
-    return _check(where, out)
-
-
-def _from_turns(where: str, rec: Any, *, coerce_scalars: bool = False) -> list[dict[str, str]]:
-    if not isinstance(rec, list):
-        raise DataError(where, f"expected a list of turns (strings), got {type(rec).__name__}")
-    out = []
-    for j, t in enumerate(rec):
-        if coerce_scalars and isinstance(t, (int, float, bool)):
-            t = str(t)  # YAML reads bare `yes` / `42` as non-strings
-        if not isinstance(t, str):
-            raise DataError(where, f"turn {j}: expected a string, got {type(t).__name__}")
-        out.append({"role": "user" if j % 2 == 0 else "assistant", "content": t})
-    if len(out) == 1:
-        raise DataError(where, "conversation has no assistant turn (a single turn)")
-    return _check(where, out)
-
-
-def _chatterbot_records(path: Path, text: str) -> Iterator[tuple[str, Any, None]]:
-    import yaml
-
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:line {mark.line + 1}" if mark else str(path)
-        raise DataError(where, f"malformed YAML ({getattr(e, 'problem', e)})") from e
-    if not isinstance(doc, dict) or "conversations" not in doc:
-        raise DataError(str(path), "expected a YAML mapping with a 'conversations:' list (chatterbot-corpus layout)")
-    convs = doc["conversations"]
-    if not isinstance(convs, list):
-        raise DataError(str(path), "'conversations' must be a list of lists of turns")
-    for i, c in enumerate(convs):
-        yield f"{path}: conversation {i}", c, None
 
 
 @dataclass
@@ -348,52 +121,31 @@ class PartResult:
 
 def read_part(part: Part) -> PartResult:
     """Decode, detect the format (whole files) and parse the records of ``part``; never raises DataError."""
-    path, fmt = part.path, part.fmt
-    out: list[Conversation] = []
-    res = PartResult(out, fmt)
+    res = PartResult([], part.fmt)
     try:
         try:
             text = part.data.decode("utf-8-sig" if part.first_line == 1 else "utf-8")
         except UnicodeDecodeError as e:
             res.undecodable = True
-            line = part.first_line + _count_line_ends(part.data, 0, e.start)
-            raise DataError(f"{path}:line {line}", f"not valid UTF-8 (byte {part.offset + e.start}: {e.reason}); "
+            line = part.first_line + count_line_ends(part.data, 0, e.start)
+            raise DataError(f"{part.path}:line {line}", f"not valid UTF-8 (byte {part.offset + e.start}: {e.reason}); "
                             "re-encode the file as UTF-8") from e
         if not part.lines_only and not text.strip():
-            raise DataError(str(path), "file is empty")
-        if fmt == "auto":
-            fmt = res.fmt = detect_format(path, text)
-        parse = {"openai": _from_openai, "sharegpt": _from_sharegpt, "turns": _from_turns,
-                 "chatterbot": lambda w, r: _from_turns(w, r, coerce_scalars=True)}.get(fmt)
-        if parse is None:
-            raise ChatrayError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-        records = (_chatterbot_records(path, text) if fmt == "chatterbot"
-                   else _records(path, text, part.first_line, part.lines_only))
-        for where, rec, line in records:
-            try:
-                if isinstance(rec, DataError):
-                    raise rec
-                try:
-                    messages = parse(where, rec)
-                except DataError:
-                    if line is None or _orjson is None:
-                        raise
-                    # orjson reads a few things differently (integers past 64 bits become floats): the standard
-                    # library's reading of the line names what is wrong, exactly as without orjson.
-                    messages = parse(where, json.loads(line))
-                out.append(Conversation(messages, where))
-            except DataError as e:
-                if not part.skip_invalid:
-                    raise
+            raise DataError(str(part.path), "file is empty")
+        if res.fmt == "auto":
+            res.fmt = detect_format(part.path, text)
+        for item in parse_records(part.path, text, res.fmt, first_line=part.first_line, lines_only=part.lines_only):
+            if isinstance(item, Conversation):
+                res.conversations.append(item)
+            elif part.skip_invalid:
                 res.skipped += 1
-                res.errors.append(str(e.message))
+                res.errors.append(item.message)
+            else:
+                raise item
     except DataError as e:
         res.error = e
-    res.count = len(out)
+    res.count = len(res.conversations)
     return res
-
-
-_LEADING_SPACE = re.compile(rb"[ \t\r\n]*")
 
 
 def split_parts(files: list[InputFile], fmt: str, part_bytes: int | None = None) -> list[Part]:
@@ -405,7 +157,7 @@ def split_parts(files: list[InputFile], fmt: str, part_bytes: int | None = None)
         first = _LEADING_SPACE.match(data, 3 if data.startswith(b"\xef\xbb\xbf") else 0).end()
         splittable = (part_bytes is not None and len(data) > part_bytes and f.path.suffix.lower() == ".jsonl"
                       and fmt != "chatterbot" and first < len(data)  # not blank: that is "file is empty"
-                      and not _json_document(data[first:first + 2].decode("utf-8", "replace")))
+                      and not is_json_document(data[first:first + 2].decode("utf-8", "replace")))
         cuts = [0]
         if splittable:
             n = -(-len(data) // part_bytes)
@@ -424,7 +176,7 @@ def split_parts(files: list[InputFile], fmt: str, part_bytes: int | None = None)
         for a, b in zip(cuts, cuts[1:]):
             parts.append(Part(k, f.path, data[a:b], file_fmt, first_line=line, offset=a, lines_only=len(cuts) > 2,
                               skip_invalid=f.skip_invalid))
-            line += _count_line_ends(data, a, b)
+            line += count_line_ends(data, a, b)
     return parts
 
 

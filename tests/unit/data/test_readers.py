@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from chatray.data.readers import DataError, collect_files, iter_conversations, read_file
+from chatray.data.formats import DataError
+from chatray.data.readers import collect_files, iter_conversations, read_file
 from chatray.errors import ChatrayError
 
 
@@ -23,7 +25,8 @@ def test_openai_jsonl(tmp_path):
         {"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]},
     ]))
     convs, src = read_file(f)
-    assert src.format == "openai" and src.conversations == 2 and len(src.sha256) == 64
+    assert src.format == "openai" and src.conversations == 2 and src.skipped == 0
+    assert src.sha256 == hashlib.sha256(f.read_bytes()).hexdigest() and src.path == str(f)
     assert convs[0].messages[0] == {"role": "system", "content": "Be brief."}
     assert convs[1].messages[1]["content"] == "你好！"
     assert convs[1].source.endswith("a.jsonl:line 2")
@@ -43,7 +46,10 @@ def test_turn_lists(tmp_path):
     f = _write(tmp_path / "t.json", json.dumps([["hi", "hello", "how are you?", "fine"], ["q", "a"]]))
     convs, src = read_file(f)
     assert src.format == "turns"
-    assert [m["role"] for m in convs[0].messages] == ["user", "assistant", "user", "assistant"]
+    assert convs[0].messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                                 {"role": "user", "content": "how are you?"}, {"role": "assistant", "content": "fine"}]
+    assert convs[1].messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert convs[1].source.endswith("t.json: record 1")
 
 
 def test_chatterbot_yaml(tmp_path):
@@ -58,6 +64,10 @@ def test_chatterbot_yaml(tmp_path):
 def test_bundled_corpus_reads():
     convs, sources = iter_conversations(["chatterbot:english", "chatterbot:chinese"])
     assert len(convs) > 2000 and len(sources) > 30
+    assert {s.format for s in sources} == {"chatterbot"} and sum(s.conversations for s in sources) == len(convs)
+    assert sum(s.skipped for s in sources) >= 1  # the corpus's own malformed records: skipped and counted
+    assert all(m["role"] == ("user", "assistant")[j % 2] and m["content"].strip()
+               for c in convs for j, m in enumerate(c.messages))
     assert any("运动" in m["content"] for c in convs for m in c.messages)
 
 

@@ -85,8 +85,8 @@ def test_every_assistant_turn_ends_with_eos(tok):
 
 
 def test_train_on_all(tok):
-    _, labels, _ = encode_batch(tok.backend_tokenizer, [CONVS[1]], max_length=512, train_on_all=True)
-    assert (labels[0] != IGNORE_INDEX).all()
+    ids, labels, _ = encode_batch(tok.backend_tokenizer, [CONVS[1]], max_length=512, train_on_all=True)
+    assert (labels[0] != IGNORE_INDEX).all() and np.array_equal(labels[0], ids[0])
 
 
 def test_overlength_windows_rule():
@@ -101,12 +101,24 @@ def test_overlength_conversation_split_and_counted(tok):
     long = [{"role": "user", "content": "hello world " * 3}, {"role": "assistant", "content": "how are you " * 3}] * 6
     stats_ids, labels, stats = encode_batch(tok.backend_tokenizer, [long], max_length=40)
     assert stats.split_conversations == 1 and stats.rows == len(stats_ids) > 1
+    assert stats.truncated_messages == 0  # every message fits the window alone
     assert all(len(r) <= 40 for r in stats_ids)
     assert all((lab != IGNORE_INDEX).any() for lab in labels)
-    full_ids, _, _ = encode_batch(tok.backend_tokenizer, [long], max_length=10_000)
-    # Windows are consecutive slices: nothing lost beyond the counted drops/truncations.
+    full_ids, full_labels, _ = encode_batch(tok.backend_tokenizer, [long], max_length=10_000)
+    full, full_lab = list(full_ids[0]), list(full_labels[0])
+    # Windows are whole messages cut from the conversation, in order: each starts at a role marker and is the next
+    # slice of the full row, labels included (nothing lost beyond the counted drops).
+    role_ids = {tok.convert_tokens_to_ids(t) for t in ("<|user|>", "<|assistant|>")}
+    pos = 0
+    for r, lab in zip(stats_ids, labels):
+        r = list(r)
+        assert r[0] in role_ids
+        start = next(i for i in range(pos, len(full) - len(r) + 1) if full[i:i + len(r)] == r)
+        assert list(lab) == full_lab[start:start + len(r)]
+        pos = start + len(r)
     kept = sum(len(r) for r in stats_ids)
-    assert kept <= len(full_ids[0]) and stats.tokens == kept
+    assert stats.tokens == kept and (kept == len(full) if stats.dropped_windows == 0 else kept < len(full))
+    assert stats.loss_tokens == sum(int((lab != IGNORE_INDEX).sum()) for lab in labels)
     assert isinstance(stats, EncodeStats)
 
 

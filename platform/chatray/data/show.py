@@ -2,45 +2,27 @@
 
 from __future__ import annotations
 
+from itertools import groupby
 from typing import Any
 
-from chatray.data.dataset import IGNORE_INDEX, read_manifest, split_files
+from chatray.data.dataset import IGNORE_INDEX, load_tokenizer, read_manifest, split_files
+from chatray.storage.uri import filesystem_for
 
-__all__ = ["inspect_dataset", "render_example"]
+__all__ = ["show_dataset"]
 
 
-def render_example(tok: Any, input_ids: list[int], labels: list[int], color: bool = True) -> str:
-    """Decode a row, marking loss-bearing spans as ``[[...]]`` (or green when ``color``)."""
+def _render_example(tok: Any, input_ids: list[int], labels: list[int], *, color: bool) -> str:
+    """Decode a row, marking loss-bearing runs of tokens as ``[[...]]`` (or green when ``color``)."""
     out: list[str] = []
-    run: list[int] = []
-    run_loss: bool | None = None
-
-    def flush() -> None:
-        if not run:
-            return
-        text = tok.decode(run, skip_special_tokens=False)
-        if run_loss:
-            out.append(f"\x1b[32m{text}\x1b[0m" if color else f"[[{text}]]")
-        else:
-            out.append(text)
-
-    for i, lab in zip(input_ids, labels):
-        loss = lab != IGNORE_INDEX
-        if run_loss is not None and loss != run_loss:
-            flush()
-            run = []
-        run.append(i)
-        run_loss = loss
-    flush()
+    for loss, run in groupby(zip(input_ids, labels), key=lambda pair: pair[1] != IGNORE_INDEX):
+        text = tok.decode([i for i, _ in run], skip_special_tokens=False)
+        out.append((f"\x1b[32m{text}\x1b[0m" if color else f"[[{text}]]") if loss else text)
     return "".join(out)
 
 
-def inspect_dataset(uri: str, *, split: str = "train", index: int = 0, color: bool = False) -> str:
+def show_dataset(uri: str, *, split: str = "train", index: int = 0, color: bool = False) -> str:
     """A human-readable summary of the dataset at ``uri`` plus row ``index`` of ``split``."""
     import pyarrow.parquet as pq
-
-    from chatray.data.dataset import load_tokenizer
-    from chatray.storage.uri import filesystem_for
 
     m = read_manifest(uri)
     c = m["counts"]
@@ -74,5 +56,5 @@ def inspect_dataset(uri: str, *, split: str = "train", index: int = 0, color: bo
     else:
         mark = "green" if color else "[[...]]"
         lines.append(f"\n{split} row {index} ({row['length']} tokens; loss-bearing text in {mark}):")
-        lines.append(render_example(tok, row["input_ids"], row["labels"], color=color))
+        lines.append(_render_example(tok, row["input_ids"], row["labels"], color=color))
     return "\n".join(lines)
