@@ -29,7 +29,6 @@ __all__ = [
     "load_model_tokenizer",
     "model_context_length",
     "model_source",
-    "model_tokenizer_fingerprint",
     "quiet_transformers",
     "resolve_device",
     "resolve_dtype",
@@ -269,14 +268,3 @@ def model_context_length(name: str) -> int | None:
         return None
     return config_context_length(cfg)
 
-def model_tokenizer_fingerprint(name: str) -> str | None:
-    """Fingerprint of the tokenizer that comes with a pretrained model (None for ``tiny``).
-
-    Raises:
-        ChatrayError: when the model's tokenizer cannot be loaded.
-    """
-    if is_tiny(name):
-        return None
-    from chatray.data.tokenizer import load_pretrained_tokenizer, tokenizer_fingerprint
-
-    return tokenizer_fingerprint(load_pretrained_tokenizer(model_source(name)))
