@@ -1,8 +1,9 @@
 """The ``Generator`` deployment: one model replica with a continuous-batching engine.
 
-Each replica resolves the checkpoint URI, copies it to a local cache (once per node), loads the
-safetensors weights (on the GPU when the replica has one) and runs :class:`AsyncEngine`. Concurrent
-requests routed to a replica share its decode steps, each with its own sampling settings.
+Each replica resolves the checkpoint URI, copies it to a local cache (once per node), loads the safetensors
+weights with :func:`chatray.model.load_model` (on the GPU when the replica has one) and runs
+:class:`~chatray.serve.async_engine.AsyncEngine`. Concurrent requests routed to a replica share its decode
+steps, each with its own sampling settings.
 
 Requests and replies cross the Ray boundary as plain dicts; errors come back as values (``{"error": ...}``
 or an ``error`` event) so the ingress can map them to the OpenAI error shape before any byte is sent.
@@ -20,8 +21,8 @@ from ray import serve
 
 from chatray.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
 
-# torch/transformers (chatray.serve.engine, chatray.serve.prompting) are imported inside the replica only:
-# building the app (`serve deploy`'s build task, `chatray serve`) and the ingress never need them.
+# torch/transformers (chatray.model's loader, chatray.serve.engine, chatray.serve.prompting) are imported inside
+# the replica only: building the app (`serve deploy`'s build task, `chatray serve`) and the ingress never need them.
 
 __all__ = ["Generator", "GeneratorSettings"]
 
@@ -59,7 +60,9 @@ class Generator:
     def __init__(self, settings: dict[str, Any]) -> None:
         import torch
 
-        from chatray.serve.engine import AsyncEngine, EngineError, GenerationEngine, load_for_serving
+        from chatray.model import load_model, load_model_tokenizer
+        from chatray.serve.async_engine import AsyncEngine
+        from chatray.serve.engine import EngineError, GenerationEngine
         from chatray.serve.prompting import SamplingDefaults, build_prompt
         from chatray.storage.checkpoints import materialize_checkpoint, resolve_checkpoint
 
@@ -67,7 +70,8 @@ class Generator:
         t0 = time.perf_counter()
         resolved = resolve_checkpoint(s.checkpoint)  # `<run>:best` -> the concrete checkpoint folder
         local = materialize_checkpoint(resolved, cache_dir=s.cache_dir)
-        model, tokenizer = load_for_serving(local, device=s.device, dtype=s.dtype)
+        model = load_model(local, device=s.device, dtype=s.dtype)
+        tokenizer = load_model_tokenizer(local)
         self._engine = AsyncEngine(GenerationEngine(model, tokenizer, max_batch_size=s.max_batch_size),
                                    batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s)
         self._tokenizer = tokenizer
