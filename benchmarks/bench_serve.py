@@ -48,11 +48,14 @@ def in_process_engine(ckpt: Path, threads: int):
     """The same engine the replica runs, in this process (the baseline), and the prompt's token ids."""
     import torch
 
-    from chatray.serve.engine import GenerationEngine, load_for_serving
+    from chatray.model import load_model, load_model_tokenizer
+    from chatray.serve.app import ServeArgs
+    from chatray.serve.engine import GenerationEngine
 
     torch.set_num_threads(threads)
-    model, tok = load_for_serving(ckpt, device="cpu")
-    return GenerationEngine(model, tok), tok(PROMPT, add_special_tokens=False)["input_ids"]
+    model, tok = load_model(ckpt, device="cpu", dtype="auto"), load_model_tokenizer(ckpt)
+    engine = GenerationEngine(model, tok, max_batch_size=ServeArgs().max_batch_size)
+    return engine, tok(PROMPT, add_special_tokens=False)["input_ids"]
 
 
 def paired_p50(engine, url: str, ids: list[int], runs: int) -> tuple[float, float]:

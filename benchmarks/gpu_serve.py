@@ -26,7 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from chatray.serve.engine import AsyncEngine, GenerationEngine  # noqa: E402
+from chatray.model import resolve_device, resolve_dtype  # noqa: E402
+from chatray.serve.async_engine import AsyncEngine  # noqa: E402
+from chatray.serve.engine import GenerationEngine  # noqa: E402
 from chatray.serve.sampling import SamplingParams  # noqa: E402
 
 TARGET = 10.0
@@ -64,11 +66,10 @@ async def _concurrent(engine: AsyncEngine, prompts: list[list[int]], params: lis
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device or "auto")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke (CPU) or on a GPU machine")
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype] \
-        if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = resolve_dtype(args.dtype, device)
     tok = build_tokenizer()
     model, n_params = build_model(args.smoke, device, dtype)
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> dict:
                               ignore_eos=True)
 
     async def main() -> dict:
-        aengine = AsyncEngine(engine, batch_wait_timeout_s=0.0)
+        aengine = AsyncEngine(engine, batch_wait_timeout_s=0.0, step_delay_s=0.0)
         try:
             await _concurrent(aengine, [prompt] * min(4, args.batch), [params(i) for i in range(4)])  # warm-up
             if device.startswith("cuda"):

@@ -82,7 +82,7 @@ def served(ray_session, tmp_path_factory):
     from transformers import AutoTokenizer
 
     try:
-        yield {"url": url, "ckpt_a": ckpt_a, "ckpt_b": ckpt_b, "main_app": main_app,
+        yield {"url": url, "ckpt_a": ckpt_a, "ckpt_b": ckpt_b, "main_app": main_app, "folder_a": folder_a,
                "tok": AutoTokenizer.from_pretrained(folder_a), "serve": serve, "cache": root / "cache"}
     finally:
         os.environ.pop("CHATRAY_IT_KEY", None)
@@ -95,6 +95,18 @@ def oai(served):
     import openai
 
     return openai.OpenAI(base_url=served["url"] + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def greedy(served):
+    """What ``main``'s model generates greedily for prompt ids, computed here by the engine a replica runs."""
+    from chatray.model import load_model, load_model_tokenizer
+    from chatray.serve.engine import GenerationEngine
+    from chatray.serve.sampling import SamplingParams
+
+    folder = served["folder_a"]
+    engine = GenerationEngine(load_model(folder), load_model_tokenizer(folder), max_batch_size=1)
+    return lambda ids, max_tokens: engine.generate([ids], SamplingParams(max_tokens=max_tokens, temperature=0.0))[0]
 
 
 def _chat(url: str, body: dict, headers: dict | None = None, timeout: float = 30) -> httpx.Response:
@@ -133,7 +145,7 @@ def test_health_ready_and_models(served):
     assert model["context_length"] == 128
 
 
-def test_openai_client_chat_non_streaming_and_streaming(served, oai):
+def test_openai_client_chat_non_streaming_and_streaming(served, oai, greedy):
     tok = served["tok"]
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "你喜欢什么运动?"}]
     prompt_ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
@@ -143,10 +155,9 @@ def test_openai_client_chat_non_streaming_and_streaming(served, oai):
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     assert r.usage.prompt_tokens == len(prompt_ids)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    if r.choices[0].finish_reason == "length":
-        assert r.usage.completion_tokens == 12
-    else:
-        assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens <= 12
+    want = greedy(prompt_ids, 12)  # 12 tokens ("length"), or fewer ending with EOS ("stop")
+    assert (text, r.choices[0].finish_reason, r.usage.completion_tokens) == \
+        (want.text, want.finish_reason, want.completion_tokens)
 
     chunks = list(oai.chat.completions.create(model="run-a", messages=messages, max_tokens=12, temperature=0,
                                               stream=True, stream_options={"include_usage": True}))
@@ -159,11 +170,13 @@ def test_openai_client_chat_non_streaming_and_streaming(served, oai):
     assert chunks[-1].usage.prompt_tokens == len(prompt_ids)
 
 
-def test_openai_client_completions(served, oai):
+def test_openai_client_completions(served, oai, greedy):
     tok = served["tok"]
     r = oai.completions.create(model="run-a", prompt="the quick brown fox", max_tokens=10, temperature=0)
     assert r.usage.prompt_tokens == len(tok("the quick brown fox", add_special_tokens=False)["input_ids"])
-    assert r.choices[0].finish_reason in ("stop", "length")
+    want = greedy(tok("the quick brown fox", add_special_tokens=False)["input_ids"], 10)
+    assert (r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens) == \
+        (want.text, want.finish_reason, want.completion_tokens)
     stream = oai.completions.create(model="run-a", prompt="the quick brown fox", max_tokens=10, temperature=0,
                                     stream=True)
     assert "".join(c.choices[0].text for c in stream if c.choices) == r.choices[0].text

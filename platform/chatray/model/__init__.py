@@ -5,11 +5,14 @@ Importing this package is cheap: torch/transformers load when a function is call
 
 from chatray.model.loading import (
     build_model,
+    config_context_length,
     load_model,
+    load_model_tokenizer,
     model_context_length,
     model_source,
-    model_tokenizer_fingerprint,
     quiet_transformers,
+    resolve_device,
+    resolve_dtype,
     save_model,
 )
 from chatray.model.presets import GPT2_ARCH, HUB_PRESETS, TINY, is_tiny, tiny_config
@@ -19,12 +22,15 @@ __all__ = [
     "HUB_PRESETS",
     "TINY",
     "build_model",
+    "config_context_length",
     "is_tiny",
     "load_model",
+    "load_model_tokenizer",
     "model_context_length",
     "model_source",
-    "model_tokenizer_fingerprint",
     "quiet_transformers",
+    "resolve_device",
+    "resolve_dtype",
     "save_model",
     "tiny_config",
 ]

@@ -6,7 +6,8 @@ A model is named by:
   * a local folder with ``config.json`` + ``model.safetensors`` (e.g. a chatray checkpoint);
   * a chatray checkpoint URI (``<storage>/<run>:best``, ``s3://.../checkpoint_...``) - resolved and cached.
 
-Pickled weights (``pytorch_model.bin``) are refused: loading them can run arbitrary code.
+Pickled weights (``pytorch_model.bin``) are refused: loading them can run arbitrary code. Training (resume) and
+serving both load a saved folder through :func:`load_model`, so both follow one weights guard and one dtype rule.
 """
 
 from __future__ import annotations
@@ -18,17 +19,26 @@ from chatray.errors import ChatrayError
 from chatray.model.presets import GPT2_ARCH, HUB_PRESETS, is_tiny, tiny_config
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "build_model",
+    "config_context_length",
     "load_model",
+    "load_model_tokenizer",
     "model_context_length",
     "model_source",
-    "model_tokenizer_fingerprint",
     "quiet_transformers",
+    "resolve_device",
+    "resolve_dtype",
     "save_model",
 ]
+
+# Suffixes of pickled weight files, which chatray refuses to load. train_state.pt sits in every checkpoint folder
+# (optimizer state, read with weights_only=True by training) and is not model weights.
+_PICKLED_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+_TRAIN_STATE = "train_state.pt"
 
 
 def quiet_transformers() -> None:
@@ -62,13 +72,68 @@ def model_source(name: str) -> str:
     return HUB_PRESETS.get(name, name)
 
 
-def _check_safetensors(folder: Path) -> None:
+def _check_folder(folder: Path) -> None:
+    """The one weights guard: a ``config.json`` and safetensors weights, never pickled ones."""
+    if not (folder / "config.json").is_file():
+        raise ChatrayError(f"not a model folder (no config.json): {folder}",
+                           hint="point at a checkpoint folder written by `chatray train`")
     if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
         return
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt*")):
-        raise ChatrayError(f"{folder}: only pickled weights found; chatray loads safetensors only",
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLED_SUFFIXES and p.name != _TRAIN_STATE)
+    if pickled:
+        raise ChatrayError(f"refusing to load pickled weights {', '.join(pickled)} from {folder}: "
+                           "chatray loads safetensors only",
                            hint="convert with `model.save_pretrained(dir, safe_serialization=True)`")
     raise ChatrayError(f"{folder}: no model.safetensors", hint="is this a complete checkpoint folder?")
+
+
+def config_context_length(config: Any) -> int | None:
+    """A model config's context in tokens: ``n_positions`` (GPT-2) or ``max_position_embeddings`` (others)."""
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when a CUDA device is present, else ``cpu``; other names pass through."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """The dtype rule for weights.
+
+    Args:
+        dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16``.
+        device: where the weights go (``cpu``, ``cuda``, ``cuda:N``).
+
+    Returns:
+        The named dtype; for ``auto``, bfloat16 on a GPU that supports it, float16 on other GPUs, float32 on CPU
+        (half precision on CPU is slower than float32 and loses accuracy).
+
+    Raises:
+        ValueError: an unknown dtype name.
+    """
+    import torch
+
+    if dtype == "auto":
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    except KeyError as e:
+        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}") from e
+
+
+def _dtype_kwarg() -> str:
+    # from_pretrained takes `dtype` from transformers 4.56 on; older versions (pyproject allows 4.45) only know
+    # `torch_dtype` and would silently load float32 when given `dtype`.
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def build_model(name: str, *, vocab_size: int, block_size: int, eos_token_id: int, n_layer: int | None = None,
@@ -102,18 +167,18 @@ def build_model(name: str, *, vocab_size: int, block_size: int, eos_token_id: in
     else:
         src = model_source(name)
         if Path(src).is_dir():
-            _check_safetensors(Path(src))
-        kwargs: dict[str, Any] = {}
+            _check_folder(Path(src))
+        kwargs: dict[str, Any] = {_dtype_kwarg(): torch.float32}
         if dropout is not None:
             kwargs.update(resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
         try:
-            model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="sdpa",
-                                                         use_safetensors=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src, attn_implementation="sdpa", use_safetensors=True,
+                                                         **kwargs)
         except Exception as e:  # OSError (not found / offline), ValueError (bad config), EnvironmentError
             raise ChatrayError(f"cannot load model {name!r}: {str(e).splitlines()[0]}",
                                hint="use a local folder or check network access to the model hub "
                                "(offline, use model.name: tiny)") from e
-        ctx = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        ctx = config_context_length(model.config)
         if ctx is not None and block_size > ctx:
             raise ChatrayError(f"block size {block_size} exceeds the context of model {name!r} ({ctx} tokens)",
                                hint=f"set data.block_size <= {ctx}")
@@ -121,25 +186,49 @@ def build_model(name: str, *, vocab_size: int, block_size: int, eos_token_id: in
     return model
 
 
-def load_model(folder: str | Path, *, dtype: str = "float32") -> PreTrainedModel:
+def load_model(folder: str | Path, *, device: str = "cpu", dtype: str = "float32") -> PreTrainedModel:
     """Load a saved model folder (safetensors only) for inference or further training.
 
+    Args:
+        folder: a local folder with ``config.json`` and ``model.safetensors`` (e.g. a chatray checkpoint).
+        device: ``cpu``, ``cuda``, ``cuda:N``, or ``auto`` (see :func:`resolve_device`).
+        dtype: ``float32``, ``float16``, ``bfloat16``, or ``auto`` (see :func:`resolve_dtype`).
+
+    Returns:
+        The causal LM with SDPA attention, on ``device``, in eval mode.
+
     Raises:
-        ChatrayError: missing folder, pickled weights only, unreadable config.
+        ChatrayError: no ``config.json``, pickled weights only, or an unloadable checkpoint.
+        ValueError: an unknown dtype name.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     path = Path(folder)
-    if not path.is_dir():
-        raise ChatrayError(f"model folder not found: {folder}")
-    _check_safetensors(path)
+    _check_folder(path)
+    target = resolve_device(device)
+    weights_dtype = resolve_dtype(dtype, target)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype),
-                                                    attn_implementation="sdpa", use_safetensors=True)
-    except Exception as e:
-        raise ChatrayError(f"cannot load model from {folder}: {str(e).splitlines()[0]}") from e
+        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa", use_safetensors=True,
+                                                     local_files_only=True, **{_dtype_kwarg(): weights_dtype})
+    except Exception as e:  # OSError (unreadable files), ValueError/KeyError (bad config): all "cannot load"
+        raise ChatrayError(f"cannot load model from {folder}: {str(e).splitlines()[0] if str(e) else e!r}") from e
+    return model.to(target).eval()
+
+
+def load_model_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a model's weights (with its chat template), from local files only.
+
+    Raises:
+        ChatrayError: the folder has no loadable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # OSError (missing files), ValueError (unknown tokenizer class)
+        raise ChatrayError(f"cannot load the tokenizer of {folder}: {str(e).splitlines()[0] if str(e) else e!r}",
+                           hint="a checkpoint folder written by `chatray train` carries its tokenizer") from e
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: str | Path) -> None:
@@ -177,17 +266,5 @@ def model_context_length(name: str) -> int | None:
         cfg = AutoConfig.from_pretrained(src)
     except Exception:
         return None
-    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    return config_context_length(cfg)
 
-
-def model_tokenizer_fingerprint(name: str) -> str | None:
-    """Fingerprint of the tokenizer that comes with a pretrained model (None for ``tiny``).
-
-    Raises:
-        ChatrayError: when the model's tokenizer cannot be loaded.
-    """
-    if is_tiny(name):
-        return None
-    from chatray.data.tokenizer import load_pretrained_tokenizer, tokenizer_fingerprint
-
-    return tokenizer_fingerprint(load_pretrained_tokenizer(model_source(name)))

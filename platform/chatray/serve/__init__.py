@@ -1,11 +1,14 @@
 """Serving: an OpenAI-compatible HTTP API on Ray Serve, with batched, streaming generation.
 
 Modules (import them directly; this package imports nothing heavy):
-  * ``engine``, ``sampling``: the generation core (torch + transformers only, no Ray): continuous batching,
-    per-request sampling, stop strings, exact token counts. ``benchmarks/gpu_serve.py`` runs it without Ray.
+  * ``engine``, ``sampling``, ``detokenize``, ``kvcache``: the generation core (torch + transformers only, no
+    Ray): continuous batching, per-request sampling, streamed text with stop strings, exact token counts, the KV
+    cache across transformers versions. ``benchmarks/gpu_serve.py`` runs it without Ray.
+  * ``async_engine``: the engine's step loop on a thread, for asyncio callers (the replica).
   * ``schemas``, ``prompting``: OpenAI request/response shapes and request -> prompt ids + sampling params.
-  * ``generator``, ``ingress``, ``app``: the Serve deployments and ``build_app`` (serve_config.yaml's
-    ``import_path: chatray.serve.app:build_app``).
+  * ``app``, ``settings``, ``generator``, ``ingress``: ``build_app`` (serve_config.yaml's
+    ``import_path: chatray.serve.app:build_app``), validating :class:`~chatray.serve.app.ServeArgs` once into the
+    typed settings each deployment receives, and the two Serve deployments.
   * ``launch``, ``client``, ``commands``: ``chatray serve``, ``chatray chat``, ``chatray generate``.
 """
 

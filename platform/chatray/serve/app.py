@@ -1,9 +1,11 @@
 """The Serve application builder: ``import_path: chatray.serve.app:build_app`` in serve_config.yaml.
 
-``build_app(args)`` validates its args with pydantic (:class:`ServeArgs`) and binds
-``Ingress(Generator)``. Deployment options (replicas, autoscaling, resources, queue limits) are not args:
-they come from the ``deployments:`` section of serve_config.yaml, which Ray Serve applies on top of the
-defaults declared on the deployment classes (``chatray serve`` applies the same section itself).
+``build_app(args)`` validates its args once with pydantic (:class:`ServeArgs`, the one place serving defaults
+are written), builds each deployment's typed settings from them (:mod:`chatray.serve.settings`) and binds
+``Ingress(Generator)``; replicas take those settings as they are. Deployment options (replicas, autoscaling,
+resources, queue limits) are not args: they come from the ``deployments:`` section of serve_config.yaml, which
+Ray Serve applies on top of the defaults declared on the deployment classes (``chatray serve`` applies the same
+section itself).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from chatray.errors import ChatrayError
+from chatray.serve.settings import GeneratorSettings, IngressSettings, SamplingDefaults
 
-__all__ = ["ServeArgs", "build_app", "model_name_from_checkpoint"]
+__all__ = ["ServeArgs", "build_app", "build_app_with_options", "model_name_from_checkpoint", "parse_args"]
 
 DEFAULT_CHECKPOINT = ".demo/checkpoints/tiny-demo:best"
 
@@ -62,6 +65,26 @@ class ServeArgs(BaseModel):
             raise ValueError(f"must be an environment variable name, got {v!r}")
         return v or None
 
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The sampling settings a request gets for the fields it leaves out."""
+        return SamplingDefaults(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k, repetition_penalty=self.repetition_penalty)
+
+    def generator_settings(self) -> GeneratorSettings:
+        """What each ``Generator`` replica gets; a relative checkpoint path is made absolute here."""
+        checkpoint = _absolute_checkpoint(self.checkpoint)
+        return GeneratorSettings(
+            checkpoint=checkpoint, model_name=self.model_name or model_name_from_checkpoint(checkpoint),
+            cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, max_batch_size=self.max_batch_size,
+            batch_wait_timeout_s=self.batch_wait_timeout_s, step_delay_s=self.step_delay_s,
+            sampling=self.sampling_defaults())
+
+    def ingress_settings(self) -> IngressSettings:
+        """What the ingress gets; the API key is read from ``api_key_env`` in this process (where the app is built)."""
+        api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return IngressSettings(api_key=api_key or None, max_body_bytes=self.max_body_bytes,
+                               request_timeout_s=self.request_timeout_s, retry_after_s=self.retry_after_s)
+
 
 def _absolute_checkpoint(uri: str) -> str:
     """Make a relative local path absolute here, where the app is built: replicas run in other directories."""
@@ -83,7 +106,7 @@ def model_name_from_checkpoint(uri: str) -> str:
 
 
 def parse_args(args: dict[str, Any] | ServeArgs | None) -> ServeArgs:
-    """Validate app args.
+    """Validate app args (a :class:`ServeArgs` is taken as it is: it was validated when it was made).
 
     Raises:
         ChatrayError: naming every bad arg (``args.temperature: ...``).
@@ -128,22 +151,10 @@ def build_app_with_options(args: dict[str, Any] | ServeArgs,
     from chatray.serve.ingress import Ingress
 
     a = parse_args(args)
-    checkpoint = _absolute_checkpoint(a.checkpoint)
-    api_key = os.environ.get(a.api_key_env) if a.api_key_env else None
-    generator_settings = {
-        "checkpoint": checkpoint,
-        "model_name": a.model_name or model_name_from_checkpoint(checkpoint),
-        "cache_dir": a.cache_dir, "device": a.device, "dtype": a.dtype, "max_batch_size": a.max_batch_size,
-        "batch_wait_timeout_s": a.batch_wait_timeout_s, "step_delay_s": a.step_delay_s,
-        "defaults": {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_p": a.top_p,
-                     "top_k": a.top_k, "repetition_penalty": a.repetition_penalty},
-    }
-    ingress_settings = {"api_key": api_key or None, "max_body_bytes": a.max_body_bytes,
-                        "request_timeout_s": a.request_timeout_s, "retry_after_s": a.retry_after_s}
     opts = deployments or {}
     unknown = set(opts) - {"Generator", "Ingress"}
     if unknown:
         raise ChatrayError(f"unknown deployment name(s) {', '.join(sorted(unknown))}: "
                            "chatray's deployments are Ingress and Generator")
-    generator = Generator.options(**opts.get("Generator", {})).bind(generator_settings)
-    return Ingress.options(**opts.get("Ingress", {})).bind(generator, ingress_settings)
+    generator = Generator.options(**opts.get("Generator", {})).bind(a.generator_settings())
+    return Ingress.options(**opts.get("Ingress", {})).bind(generator, a.ingress_settings())

@@ -7,6 +7,7 @@ inside the commands.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -61,24 +62,28 @@ def _sampling(temperature: float | None, top_p: float | None, max_tokens: int | 
     return out
 
 
-_url = click.option("--url", default=_DEFAULT_URL, envvar="CHATRAY_URL", show_default=True,
-                    help="Server root URL (env CHATRAY_URL).")
-_key = click.option("--api-key", default=None, envvar="CHATRAY_API_KEY",
-                    help="API key (env CHATRAY_API_KEY) when the server requires one.")
-_temp = click.option("--temperature", type=click.FloatRange(0, 2), default=None,
-                     help="0 = greedy (default: the server's).")
-_top_p = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus sampling.")
-_max = click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Reply length limit.")
-_seed = click.option("--seed", type=int, default=None, help="Same seed + same input = same reply.")
+_CLIENT_OPTIONS = (
+    click.option("--url", default=_DEFAULT_URL, envvar="CHATRAY_URL", show_default=True,
+                 help="Server root URL (env CHATRAY_URL)."),
+    click.option("--api-key", default=None, envvar="CHATRAY_API_KEY",
+                 help="API key (env CHATRAY_API_KEY) when the server requires one."),
+    click.option("--temperature", type=click.FloatRange(0, 2), default=None,
+                 help="0 = greedy (default: the server's)."),
+    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Nucleus sampling."),
+    click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Reply length limit."),
+    click.option("--seed", type=int, default=None, help="Same seed + same input = same reply."),
+)
+
+
+def _client_options(f: Callable[..., None]) -> Callable[..., None]:
+    """The options ``chat`` and ``generate`` share (server, key, sampling), in this order in --help."""
+    for option in reversed(_CLIENT_OPTIONS):
+        f = option(f)
+    return f
 
 
 @click.command("chat")
-@_url
-@_key
-@_temp
-@_top_p
-@_max
-@_seed
+@_client_options
 @click.option("--system", default=None, help="A system message that starts the conversation.")
 def chat(url: str, api_key: str | None, temperature: float | None, top_p: float | None, max_tokens: int | None,
          seed: int | None, system: str | None) -> None:
@@ -97,12 +102,7 @@ def chat(url: str, api_key: str | None, temperature: float | None, top_p: float 
 
 @click.command("generate")
 @click.argument("prompt", required=False)
-@_url
-@_key
-@_temp
-@_top_p
-@_max
-@_seed
+@_client_options
 @click.option("--stop", multiple=True, help="Stop string (repeatable); the reply ends before it.")
 @click.option("--raw", is_flag=True, help="Send PROMPT to /v1/completions as is (no chat template).")
 @click.option("--no-stream", is_flag=True, help="Wait for the whole reply instead of streaming it.")

@@ -1,6 +1,6 @@
 """The generation core: continuous batching over a KV cache, per-request sampling, exact stop handling.
 
-Imports only torch and transformers (never Ray): the Serve ``Generator`` deployment wraps it, and
+Imports only torch, transformers and chatray.model (never Ray): the Serve ``Generator`` deployment wraps it, and
 ``benchmarks/gpu_serve.py`` drives the very same code on a GPU machine that has no Ray.
 
 How a batch runs (one :meth:`GenerationEngine.step`):
@@ -13,39 +13,29 @@ How a batch runs (one :meth:`GenerationEngine.step`):
 Rows are left-padded to a common cache length; a 2-D attention mask hides the padding and position ids
 are counted per row, so a row computes exactly what it would compute alone (up to float rounding).
 
-:class:`AsyncEngine` runs the step loop in a background thread and hands each request an async iterator
-of :class:`StepOutput` (text deltas), which is what the Serve replica awaits.
+Beside it: :mod:`~chatray.serve.async_engine` (the step loop on a thread, for asyncio callers),
+:mod:`~chatray.serve.kvcache` (the cache across transformers versions), :mod:`~chatray.serve.detokenize`
+(streamed text and stop strings) and :mod:`~chatray.serve.sampling` (the batched sampler).
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import itertools
-import logging
 import threading
-import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from chatray.model import config_context_length
+from chatray.serve.detokenize import Detokenizer
+from chatray.serve.kvcache import cache_kwarg, cache_tensors, new_cache, returned_cache, set_cache_tensors
 from chatray.serve.sampling import SamplingParams, make_generator, sample
 
-__all__ = [
-    "AsyncEngine",
-    "Completion",
-    "EngineError",
-    "GenerationEngine",
-    "StepOutput",
-    "load_for_serving",
-]
-
-logger = logging.getLogger(__name__)
+__all__ = ["Completion", "EngineError", "FinishReason", "GenerationEngine", "StepOutput"]
 
 FinishReason = Literal["stop", "length"]
 
@@ -92,44 +82,9 @@ class _Sequence:
     prompt_ids: list[int]
     params: SamplingParams
     generator: torch.Generator
+    text: Detokenizer
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""  # decoded output so far (cut at a stop string when one is found)
-    emitted: int = 0  # characters of `text` already handed out
-    prefix_offset: int = 0  # incremental detokenization window (see _detokenize)
-    read_offset: int = 0
     finish_reason: FinishReason | None = None
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    # transformers 5.x renamed `past_key_values` to `cache`; support both so the GPU box's version works.
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _new_cache() -> Any:
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
-def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (keys, values), each (B, heads, T, head_dim), whatever the transformers version."""
-    if hasattr(cache, "layers"):
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    if hasattr(cache, "key_cache"):
-        return list(zip(cache.key_cache, cache.value_cache))
-    return [(k, v) for k, v, *_ in cache]
-
-
-def _set_cache_tensors(cache: Any, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    if hasattr(cache, "layers"):
-        for layer, (k, v) in zip(cache.layers, kv):
-            layer.keys, layer.values = k, v
-    elif hasattr(cache, "key_cache"):
-        cache.key_cache[:] = [k for k, _ in kv]
-        cache.value_cache[:] = [v for _, v in kv]
-    else:  # pragma: no cover - legacy tuple caches are not produced by the versions we support
-        raise TypeError(f"unsupported KV cache type {type(cache).__name__}")
 
 
 def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -147,7 +102,8 @@ class GenerationEngine:
         model: a causal LM (GPT-2 family) in eval mode, on its device.
         tokenizer: the matching tokenizer (decodes output; its ``len`` bounds sampled ids).
         max_batch_size: at most this many requests decode together; the rest wait.
-        context_length: the model's context (defaults to ``n_positions``/``max_position_embeddings``).
+        context_length: the model's context (defaults to the model config's, see
+            :func:`chatray.model.config_context_length`).
         eos_token_ids: extra ids that end generation (defaults: generation_config and tokenizer EOS).
     """
 
@@ -156,7 +112,7 @@ class GenerationEngine:
         model: torch.nn.Module,
         tokenizer: Any,
         *,
-        max_batch_size: int = 16,
+        max_batch_size: int,
         context_length: int | None = None,
         eos_token_ids: Sequence[int] | None = None,
     ) -> None:
@@ -166,9 +122,8 @@ class GenerationEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         cfg = model.config
-        self.context_length = int(
-            context_length or getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 1024)
-        )
+        # 1024 (GPT-2's context) for a config that names none.
+        self.context_length = int(context_length or config_context_length(cfg) or 1024)
         self.device = next(model.parameters()).device
         self.vocab_size = int(cfg.vocab_size)
         # Ids past the tokenizer's vocabulary (padded embedding rows) can never be decoded: never sample them.
@@ -176,7 +131,7 @@ class GenerationEngine:
         self.eos_token_ids = frozenset(eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._pad_id = int(pad if pad is not None else 0)
-        self._cache_kw = _cache_kwarg(model)
+        self._cache_kw = cache_kwarg(model)
         self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._lock = threading.Lock()
         self._waiting: deque[_Sequence] = deque()
@@ -205,7 +160,8 @@ class GenerationEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
                 f"exceeds the model's context of {self.context_length} tokens"
             )
-        seq = _Sequence(request_id, ids, params, make_generator(params.seed))
+        seq = _Sequence(request_id, ids, params, make_generator(params.seed),
+                        Detokenizer(self.tokenizer, params.stop))
         with self._lock:
             if request_id in self._known:
                 raise ValueError(f"duplicate request id {request_id!r}")
@@ -303,10 +259,7 @@ class GenerationEngine:
         if last_only and self._supports_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
-        new_cache = getattr(out, "cache", None)
-        if new_cache is None:
-            new_cache = out.past_key_values
-        return out.logits[:, -1, :], new_cache  # (B, V)
+        return out.logits[:, -1, :], returned_cache(out)  # (B, V)
 
     def _sample(self, logits: torch.Tensor, rows: list[_Sequence], temperature: torch.Tensor,
                 top_k: torch.Tensor, top_p: torch.Tensor, penalty: torch.Tensor,
@@ -349,7 +302,7 @@ class GenerationEngine:
             mask[i, width - len(s.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (n, width): per-row positions, 0 at the first real
-        logits, cache = self._forward(ids, mask, positions, _new_cache(), last_only=True)
+        logits, cache = self._forward(ids, mask, positions, new_cache(), last_only=True)
         params = self._row_params(rows)
         seen = torch.zeros((n, self.vocab_size), dtype=torch.bool, device=self.device)
         seen.scatter_(1, ids, mask.bool())  # prompt tokens count for the repetition penalty; padding does not
@@ -374,13 +327,13 @@ class GenerationEngine:
         assert self._mask is not None
         old_t, new_t = self._mask.shape[1], state["mask"].shape[1]
         width = max(old_t, new_t)
-        old_kv, new_kv = _cache_tensors(self._cache), _cache_tensors(state["cache"])
+        old_kv, new_kv = cache_tensors(self._cache), cache_tensors(state["cache"])
         merged = [
             (torch.cat([_left_pad(ok, width - old_t, 2), _left_pad(nk, width - new_t, 2)], dim=0),
              torch.cat([_left_pad(ov, width - old_t, 2), _left_pad(nv, width - new_t, 2)], dim=0))
             for (ok, ov), (nk, nv) in zip(old_kv, new_kv)
         ]
-        _set_cache_tensors(self._cache, merged)
+        set_cache_tensors(self._cache, merged)
         self._mask = torch.cat([_left_pad(self._mask, width - old_t, 1), _left_pad(state["mask"], width - new_t, 1)])
         self._rows += rows
         self._seen = torch.cat([self._seen, state["seen"]])
@@ -403,8 +356,8 @@ class GenerationEngine:
         # Columns that are padding in every remaining row are dead weight: trim them from the left.
         first = int((mask.sum(dim=0) > 0).nonzero()[0])
         self._mask = mask[:, first:]
-        _set_cache_tensors(self._cache, [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
-                                         for k, v in _cache_tensors(self._cache)])
+        set_cache_tensors(self._cache, [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
+                                         for k, v in cache_tensors(self._cache)])
         for name in ("_seen", "_next_pos", "_last", "_temperature", "_top_k", "_top_p", "_penalty"):
             setattr(self, name, getattr(self, name).index_select(0, idx))
 
@@ -432,76 +385,24 @@ class GenerationEngine:
             seq.output_ids.append(tok)
             self.stats["generated_tokens"] += 1
             is_eos = tok in self.eos_token_ids and not seq.params.ignore_eos
-            if is_eos:
+            if is_eos or seq.text.add(seq.output_ids):
                 seq.finish_reason = "stop"
-            else:
-                self._detokenize(seq)
-                self._check_stop(seq)
-            if seq.finish_reason is None and (
-                len(seq.output_ids) >= seq.params.max_tokens
-                or len(seq.prompt_ids) + len(seq.output_ids) >= self.context_length
-            ):
+            elif (len(seq.output_ids) >= seq.params.max_tokens
+                  or len(seq.prompt_ids) + len(seq.output_ids) >= self.context_length):
                 seq.finish_reason = "length"
             if seq.finish_reason is not None:
-                if seq.finish_reason == "length" or is_eos:
-                    self._flush(seq)
-                end = len(seq.text)
                 self.stats["finished"] += 1
-            else:
-                end = self._safe_end(seq)
-            delta = seq.text[seq.emitted:end] if end > seq.emitted else ""
-            seq.emitted = max(seq.emitted, end)
+                # What the window still holds goes out at the end; it may complete a stop string.
+                if (is_eos or seq.finish_reason == "length") and seq.text.flush(self._text_ids(seq)):
+                    seq.finish_reason = "stop"
+            delta = seq.text.take(final=seq.finish_reason is not None)
             outs.append(StepOutput(seq.request_id, delta, seq.finish_reason, len(seq.prompt_ids),
                                    len(seq.output_ids)))
         return outs
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def _detokenize(self, seq: _Sequence) -> None:
-        # Incremental detokenization (as in TGI/vLLM): decode a small window of recent ids and append only
-        # the new characters, and wait while the window ends in an incomplete UTF-8 sequence.
-        ids = seq.output_ids
-        prefix = self._decode(ids[seq.prefix_offset:seq.read_offset])
-        new = self._decode(ids[seq.prefix_offset:])
-        if len(new) > len(prefix) and not new.endswith("\ufffd"):
-            seq.text += new[len(prefix):]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-
-    def _flush(self, seq: _Sequence) -> None:
-        """At the end, hand out whatever the window still holds (even an incomplete character)."""
-        ids = [i for i in seq.output_ids if not (i in self.eos_token_ids and not seq.params.ignore_eos)]
-        if seq.read_offset < len(ids):
-            prefix = self._decode(ids[seq.prefix_offset:seq.read_offset])
-            new = self._decode(ids[seq.prefix_offset:])
-            if len(new) > len(prefix):
-                seq.text += new[len(prefix):]
-            seq.read_offset = len(ids)
-            self._check_stop(seq)
-            if seq.finish_reason is None:
-                seq.finish_reason = "length"
-
-    def _check_stop(self, seq: _Sequence) -> None:
-        stops = seq.params.stop
-        if not stops:
-            return
-        longest = max(len(s) for s in stops)
-        start = max(0, seq.emitted - longest)  # text before `emitted` was checked already
-        hits = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
-        if hits:
-            seq.text = seq.text[:min(hits)]
-            seq.finish_reason = "stop"
-
-    def _safe_end(self, seq: _Sequence) -> int:
-        """How much of the text may be handed out: hold back a tail that could be the start of a stop string."""
-        text = seq.text
-        hold = 0
-        for s in seq.params.stop:
-            for k in range(min(len(s) - 1, len(text)), hold, -1):
-                if text.endswith(s[:k]):
-                    hold = k
-                    break
-        return len(text) - hold
+    def _text_ids(self, seq: _Sequence) -> list[int]:
+        """The output ids that make text: an EOS that ended the request is counted but not decoded."""
+        return [i for i in seq.output_ids if not (i in self.eos_token_ids and not seq.params.ignore_eos)]
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
@@ -515,191 +416,3 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
-
-
-class AsyncEngine:
-    """Runs a :class:`GenerationEngine` step loop in a background thread; requests are async iterators.
-
-    Args:
-        engine: the synchronous engine.
-        batch_wait_timeout_s: when the engine is idle and a request arrives, wait this long for others to
-            arrive so that they are prefilled together (later arrivals join the running batch anyway).
-        step_delay_s: sleep after every step. Testing only: makes timing-dependent tests deterministic.
-    """
-
-    def __init__(self, engine: GenerationEngine, *, batch_wait_timeout_s: float = 0.005,
-                 step_delay_s: float = 0.0) -> None:
-        self.engine = engine
-        self.batch_wait_timeout_s = batch_wait_timeout_s
-        self.step_delay_s = step_delay_s
-        # request id -> (its event loop, its queue, text parts gathered here for whole-reply requests or None)
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[str] | None]] = {}
-        self._streams_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._ids = itertools.count()
-        self.last_error: str | None = None
-        self._thread = threading.Thread(target=self._run, name="chatray-engine", daemon=True)
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        """Whether the step loop thread is running."""
-        return self._thread.is_alive() and not self._stop.is_set()
-
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
-                     request_id: str | None = None, *, whole: bool = False) -> AsyncIterator[StepOutput]:
-        """Generate for one request, yielding a :class:`StepOutput` per step until one has finish_reason.
-
-        With ``whole``, the step loop gathers the text itself and yields only the final output, whose delta is
-        the whole reply: one hand-over between threads per request instead of one per token.
-        Closing the iterator early (client gone, task cancelled) aborts the request in the engine.
-
-        Raises:
-            ValueError: the request does not fit (see :meth:`GenerationEngine.add_request`).
-            EngineError: the engine failed while the request ran.
-        """
-        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._streams_lock:
-            self._streams[rid] = (asyncio.get_running_loop(), queue, [] if whole else None)
-        finished = False
-        try:
-            self.engine.add_request(rid, prompt_ids, params)
-            self._wake.set()
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if item.finish_reason is not None:
-                    finished = True
-                yield item
-                if finished:
-                    return
-        finally:
-            with self._streams_lock:
-                self._streams.pop(rid, None)
-            if not finished:
-                self.engine.abort_request(rid)
-                self._wake.set()
-
-    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
-                       request_id: str | None = None) -> Completion:
-        """Generate for one request and return the whole :class:`Completion`."""
-        agen = self.stream(prompt_ids, params, request_id, whole=True)
-        try:
-            async for out in agen:
-                if out.finish_reason is not None:
-                    return Completion(out.request_id, out.delta, out.finish_reason, out.prompt_tokens,
-                                      out.completion_tokens)
-        finally:
-            await agen.aclose()
-        raise EngineError("generation ended without a finish reason")  # pragma: no cover
-
-    def stats(self) -> dict[str, Any]:
-        """Counters plus the current number of running and waiting requests."""
-        return {**self.engine.stats, "running": self.engine.num_running(), "waiting": self.engine.num_waiting(),
-                "alive": self.alive, "last_error": self.last_error}
-
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the step loop thread."""
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout)
-
-    def _deliver(self, rid: str, item: StepOutput | BaseException) -> None:
-        with self._streams_lock:
-            target = self._streams.get(rid)
-        if target is None:
-            return
-        loop, queue, parts = target
-        if parts is not None and isinstance(item, StepOutput):  # whole-reply request: hand over only the end
-            parts.append(item.delta)
-            if item.finish_reason is None:
-                return
-            item = replace(item, delta="".join(parts))
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the request's event loop is closed: nobody is listening any more
-            self.engine.abort_request(rid)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if not self.engine.has_unfinished():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
-            if self.engine.num_running() == 0 and self.batch_wait_timeout_s > 0:
-                time.sleep(self.batch_wait_timeout_s)  # gather a burst of arrivals into one prefill
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - fail the in-flight requests, keep serving
-                logger.exception("engine step failed")
-                self.last_error = f"{type(e).__name__}: {e}"
-                err = EngineError(f"generation failed: {type(e).__name__}: {e}")
-                for rid in self.engine.fail_all():
-                    self._deliver(rid, err)
-                continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
-            if self.step_delay_s > 0:
-                time.sleep(self.step_delay_s)
-
-
-def load_for_serving(path: str | Path, *, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """Load a checkpoint folder for inference: safetensors weights only, tokenizer with its chat template.
-
-    Args:
-        path: a local HF checkpoint folder (config.json, model.safetensors, tokenizer files).
-        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
-        dtype: ``auto`` (bfloat16 on CUDA when supported, else float32), ``float32``, ``float16``, ``bfloat16``.
-
-    Returns:
-        (model in eval mode on the device, tokenizer).
-
-    Raises:
-        ChatrayError: missing folder/weights, pickled weights only (refused), or an unloadable checkpoint.
-    """
-    from chatray.errors import ChatrayError
-
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise ChatrayError(f"not a checkpoint folder (no config.json): {folder}",
-                           hint="point at a checkpoint folder written by `chatray train`")
-    safetensors = list(folder.glob("*.safetensors"))
-    if not safetensors:
-        pickled = [p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
-                   and p.name != "train_state.pt"]
-        if pickled:
-            raise ChatrayError(f"refusing to load pickled weights {', '.join(sorted(pickled))} from {folder}: "
-                               "only safetensors weights are served",
-                               hint="convert with model.save_pretrained(dir, safe_serialization=True)")
-        raise ChatrayError(f"no model.safetensors in {folder}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = _resolve_dtype(dtype, device)
-    try:
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-        dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                                     **{dtype_kw: torch_dtype})
-    except (OSError, ValueError, KeyError) as e:
-        raise ChatrayError(f"cannot load checkpoint {folder}: {str(e).splitlines()[0] if str(e) else e!r}") from e
-    model.to(device).eval()
-    return model, tokenizer
-
-
-def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        if device.startswith("cuda") and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    except KeyError as e:
-        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}") from e

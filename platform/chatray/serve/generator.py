@@ -1,8 +1,10 @@
 """The ``Generator`` deployment: one model replica with a continuous-batching engine.
 
-Each replica resolves the checkpoint URI, copies it to a local cache (once per node), loads the
-safetensors weights (on the GPU when the replica has one) and runs :class:`AsyncEngine`. Concurrent
-requests routed to a replica share its decode steps, each with its own sampling settings.
+Each replica resolves the checkpoint URI, copies it to a local cache (once per node), loads the safetensors
+weights with :func:`chatray.model.load_model` (on the GPU when the replica has one) and runs
+:class:`~chatray.serve.async_engine.AsyncEngine`. Concurrent requests routed to a replica share its decode
+steps, each with its own sampling settings. Its settings arrive typed and validated (built from ``ServeArgs``
+by ``build_app``).
 
 Requests and replies cross the Ray boundary as plain dicts; errors come back as values (``{"error": ...}``
 or an ``error`` event) so the ingress can map them to the OpenAI error shape before any byte is sent.
@@ -15,33 +17,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from chatray.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
+from chatray.serve.settings import GeneratorSettings
 
-# torch/transformers (chatray.serve.engine, chatray.serve.prompting) are imported inside the replica only:
-# building the app (`serve deploy`'s build task, `chatray serve`) and the ingress never need them.
+# torch/transformers (chatray.model's loader, chatray.serve.engine, chatray.serve.prompting) are imported inside
+# the replica only: building the app (`serve deploy`'s build task, `chatray serve`) and the ingress never need them.
 
-__all__ = ["Generator", "GeneratorSettings"]
+__all__ = ["Generator"]
 
 logger = logging.getLogger("ray.serve")
-
-
-class GeneratorSettings(BaseModel):
-    """What one generator replica needs (a subset of the app args)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    checkpoint: str
-    model_name: str
-    cache_dir: str | None = None
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_batch_size: int = Field(16, ge=1)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
-    step_delay_s: float = Field(0.0, ge=0)
-    defaults: dict[str, Any] = Field(default_factory=dict)
 
 
 @serve.deployment(
@@ -56,22 +42,24 @@ class GeneratorSettings(BaseModel):
 class Generator:
     """Model replica: ``generate`` (one reply) and ``generate_stream`` (events) over a shared batch."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
+    def __init__(self, settings: GeneratorSettings) -> None:
         import torch
 
-        from chatray.serve.engine import AsyncEngine, EngineError, GenerationEngine, load_for_serving
-        from chatray.serve.prompting import SamplingDefaults, build_prompt
+        from chatray.model import load_model, load_model_tokenizer
+        from chatray.serve.async_engine import AsyncEngine
+        from chatray.serve.engine import EngineError, GenerationEngine
+        from chatray.serve.prompting import build_prompt
         from chatray.storage.checkpoints import materialize_checkpoint, resolve_checkpoint
 
-        s = GeneratorSettings.model_validate(settings)
-        t0 = time.perf_counter()
+        s, t0 = settings, time.perf_counter()
         resolved = resolve_checkpoint(s.checkpoint)  # `<run>:best` -> the concrete checkpoint folder
         local = materialize_checkpoint(resolved, cache_dir=s.cache_dir)
-        model, tokenizer = load_for_serving(local, device=s.device, dtype=s.dtype)
+        model = load_model(local, device=s.device, dtype=s.dtype)
+        tokenizer = load_model_tokenizer(local)
         self._engine = AsyncEngine(GenerationEngine(model, tokenizer, max_batch_size=s.max_batch_size),
                                    batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s)
         self._tokenizer = tokenizer
-        self._defaults = SamplingDefaults(**s.defaults)
+        self._defaults = s.sampling
         self._build_prompt, self._engine_error = build_prompt, EngineError
         self._info = {
             "id": s.model_name, "checkpoint": s.checkpoint, "resolved_checkpoint": resolved,

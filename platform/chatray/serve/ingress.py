@@ -22,7 +22,6 @@ from typing import Any
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -41,23 +40,14 @@ from chatray.serve.schemas import (
     new_id,
     parse_request,
 )
+from chatray.serve.settings import IngressSettings
 
-__all__ = ["Ingress", "IngressSettings", "app"]
+__all__ = ["Ingress", "app"]
 
 logger = logging.getLogger("ray.serve")
 
-
-class IngressSettings(BaseModel):
-    """What the ingress needs (a subset of the app args; ``api_key`` is the resolved secret)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    api_key: str | None = None
-    max_body_bytes: int = Field(1 << 20, ge=1)
-    request_timeout_s: float = Field(100.0, gt=0)
-    retry_after_s: float = Field(1.0, ge=0)
-    readiness_timeout_s: float = Field(5.0, gt=0)
-
+# /readyz answers within this many seconds: a probe wants a quick "not yet", not a request's full timeout.
+_READINESS_TIMEOUT_S = 5.0
 
 app = FastAPI(title="chatray", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -103,9 +93,9 @@ def _sse(payload: dict[str, Any]) -> str:
 class Ingress:
     """OpenAI-compatible HTTP API; forwards generation to the ``Generator`` deployment handle."""
 
-    def __init__(self, generator: Any, settings: dict[str, Any]) -> None:
+    def __init__(self, generator: Any, settings: IngressSettings) -> None:
         self._generator = generator
-        self._s = IngressSettings.model_validate(settings)
+        self._s = settings
         self._key = self._s.api_key.encode("utf-8") if self._s.api_key else None
         self._model_info: dict[str, Any] | None = None
 
@@ -164,7 +154,7 @@ class Ingress:
     async def readyz(self) -> Response:
         """Readiness: a generator replica has its model loaded and answers."""
         try:
-            info = await asyncio.wait_for(self._generator.model_info.remote(), self._s.readiness_timeout_s)
+            info = await asyncio.wait_for(self._generator.model_info.remote(), _READINESS_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - any failure means "not ready"
             return JSONResponse(error_body(f"model not ready: {type(e).__name__}: {e}"[:300],
                                            "service_unavailable_error"), status_code=503)

@@ -1,8 +1,9 @@
 """``chatray serve``: run the application of a serve_config.yaml in the foreground (like ``serve run``).
 
-The YAML is the same file ``serve deploy`` takes; :func:`load_serve_config` validates it with Ray's own
+The YAML is the same file ``serve deploy`` takes; :func:`load_serve_config` checks it with Ray's own
 schema plus :class:`~chatray.serve.app.ServeArgs`, and :func:`serve_foreground` applies its
-``http_options`` and ``deployments:`` section, with command-line overrides on top.
+``http_options`` and ``deployments:`` section, with command-line overrides on top. Each arg is validated
+once: the file's where the file is read, an override where it is given.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from chatray.serve.app import ServeArgs, parse_args
 __all__ = ["load_serve_config", "serve_foreground"]
 
 DEFAULT_PORT = 8000
+_CHATRAY_APP = "chatray.serve.app:"
+_DEFAULT_APP = {"name": "chatray", "import_path": "chatray.serve.app:build_app"}
 
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:
@@ -30,11 +33,15 @@ def load_serve_config(path: str | Path) -> dict[str, Any]:
     Raises:
         ChatrayError: unreadable YAML, a schema error from Ray, or bad chatray args (named).
     """
+    return _checked_config(Path(path))[0]
+
+
+def _checked_config(p: Path) -> tuple[dict[str, Any], dict[int, ServeArgs]]:
+    """The YAML and the validated args of each chatray application in it, by index."""
     import yaml
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
-    p = Path(path)
     if not p.is_file():
         raise ChatrayError(f"serve config not found: {p}", hint="pass --config serve_config.yaml")
     try:
@@ -47,22 +54,33 @@ def load_serve_config(path: str | Path) -> dict[str, Any]:
         err = e.errors(include_url=False)[0]
         where = ".".join(str(x) for x in err["loc"])
         raise ChatrayError(f"{p}: invalid Ray Serve config at {where}: {err['msg']}") from None
+    args: dict[int, ServeArgs] = {}
     for i, app in enumerate(data.get("applications") or []):
-        if str(app.get("import_path", "")).startswith("chatray.serve.app:"):
+        if str(app.get("import_path", "")).startswith(_CHATRAY_APP):
             try:
-                parse_args(app.get("args") or {})
+                args[i] = parse_args(app.get("args") or {})
             except ChatrayError as e:
                 raise ChatrayError(f"{p}: applications[{i}]: {e}", hint=e.hint) from None
-    return data
+    return data, args
 
 
-def _pick_app(data: dict[str, Any], name: str | None) -> dict[str, Any]:
-    apps = [a for a in data.get("applications") or [] if str(a.get("import_path", "")).startswith("chatray.")]
+def _pick_app(data: dict[str, Any], name: str | None) -> int:
+    """Index of the application to run: the one named ``name``, else the first chatray one."""
+    apps = [(i, a) for i, a in enumerate(data.get("applications") or [])
+            if str(a.get("import_path", "")).startswith(_CHATRAY_APP)]
     if name:
-        apps = [a for a in apps if a.get("name") == name]
+        apps = [(i, a) for i, a in apps if a.get("name") == name]
     if not apps:
         raise ChatrayError(f"no chatray application{f' named {name!r}' if name else ''} in the serve config")
-    return apps[0]
+    return apps[0][0]
+
+
+def _with_overrides(args: ServeArgs, overrides: dict[str, Any]) -> ServeArgs:
+    """``args`` with the command line's overrides, each validated here (the file's values were already)."""
+    if not overrides:
+        return args
+    given = parse_args(overrides)
+    return args.model_copy(update={k: getattr(given, k) for k in given.model_fields_set})
 
 
 def _check_port(host: str, port: int) -> None:
@@ -105,13 +123,14 @@ def serve_foreground(config: str | Path | None = None, *, checkpoint: str | None
     Raises:
         ChatrayError: bad config/args, busy port, or a checkpoint that cannot be resolved.
     """
-    data = load_serve_config(config) if config else {"applications": [{"name": "chatray",
-                                                                         "import_path": "chatray.serve.app:build_app"}]}
-    app = _pick_app(data, app_name)
-    merged = {**(app.get("args") or {}), **(args or {})}
-    if checkpoint:
-        merged["checkpoint"] = checkpoint
-    parsed: ServeArgs = parse_args(merged)
+    if config:
+        data, file_args = _checked_config(Path(config))
+    else:
+        data, file_args = {"applications": [_DEFAULT_APP]}, {0: parse_args({})}
+    index = _pick_app(data, app_name)
+    app = data["applications"][index]
+    overrides = {**(args or {}), **({"checkpoint": checkpoint} if checkpoint else {})}
+    parsed = _with_overrides(file_args[index], overrides)
     from chatray.storage.checkpoints import resolve_checkpoint
 
     resolve_checkpoint(parsed.checkpoint)  # fail here, with a clear message, rather than inside a replica

@@ -6,24 +6,13 @@ no Ray, so unit tests call it directly. Every problem is an :class:`APIError` na
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from chatray.serve.sampling import SamplingParams
 from chatray.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
+from chatray.serve.settings import SamplingDefaults
 
-__all__ = ["SamplingDefaults", "build_prompt"]
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """Server-side defaults for fields a request leaves out (set from the app args)."""
-
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
+__all__ = ["build_prompt"]
 
 
 def _chat_ids(tokenizer: Any, req: ChatCompletionRequest) -> list[int]:

@@ -267,15 +267,20 @@ def chat_response(rid: str, model: str, text: str, finish_reason: str, prompt_to
     }
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
-               usage: tuple[int, int] | None = None, no_choices: bool = False) -> dict[str, Any]:
-    """A ``chat.completion.chunk`` (the last one, with ``no_choices``, carries only usage)."""
-    choices = [] if no_choices else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-    chunk: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                             "choices": choices, "system_fingerprint": None}
+def _chunk(obj: str, rid: str, model: str, created: int, choice: dict[str, Any],
+           usage: tuple[int, int] | None, no_choices: bool) -> dict[str, Any]:
+    chunk: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
+                             "choices": [] if no_choices else [choice], "system_fingerprint": None}
     if usage is not None:
         chunk["usage"] = _usage(*usage)
     return chunk
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
+               usage: tuple[int, int] | None = None, no_choices: bool = False) -> dict[str, Any]:
+    """A ``chat.completion.chunk`` (the last one, with ``no_choices``, carries only usage)."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return _chunk("chat.completion.chunk", rid, model, created, choice, usage, no_choices)
 
 
 def completion_response(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
@@ -291,9 +296,5 @@ def completion_response(rid: str, model: str, text: str, finish_reason: str, pro
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None,
                      usage: tuple[int, int] | None = None, no_choices: bool = False) -> dict[str, Any]:
     """A streamed ``text_completion`` chunk."""
-    choices = [] if no_choices else [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]
-    chunk: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                             "choices": choices, "system_fingerprint": None}
-    if usage is not None:
-        chunk["usage"] = _usage(*usage)
-    return chunk
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return _chunk("text_completion", rid, model, created, choice, usage, no_choices)

@@ -6,7 +6,17 @@ import pytest
 import torch
 
 from chatray.errors import ChatrayError
-from chatray.model import GPT2_ARCH, build_model, load_model, model_context_length, save_model, tiny_config
+from chatray.model import (
+    GPT2_ARCH,
+    build_model,
+    config_context_length,
+    load_model,
+    load_model_tokenizer,
+    model_context_length,
+    resolve_dtype,
+    save_model,
+    tiny_config,
+)
 
 
 def test_tiny_config_shape_and_special_ids():
@@ -31,7 +41,13 @@ def test_build_save_load_round_trip(tmp_path):
     torch.testing.assert_close(model(x).logits, back(x).logits)
     assert back.generation_config.eos_token_id == 0
     out = back.generate(x[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert out.shape[1] <= 7
+    # greedy decoding by hand on the original model: argmax, stopping after EOS (id 0) or 3 new tokens
+    want = x[0, :4].tolist()
+    for _ in range(3):
+        want.append(int(model(torch.tensor([want])).logits[0, -1].argmax()))
+        if want[-1] == 0:
+            break
+    assert out[0].tolist() == want
 
 
 def test_seeded_init_is_reproducible():
@@ -70,3 +86,58 @@ def test_missing_model_is_one_clear_error(tmp_path):
         build_model(str(tmp_path / "nope"), vocab_size=300, block_size=32, eos_token_id=0)
     with pytest.raises(ChatrayError, match="cannot load model 'no-such-org/no-such-model'"):
         build_model("no-such-org/no-such-model", vocab_size=300, block_size=32, eos_token_id=0)  # HF_HUB_OFFLINE=1
+
+
+def test_load_model_dtype_device_and_eval_mode(tmp_path):
+    model = build_model("tiny", vocab_size=300, block_size=32, eos_token_id=0, n_layer=1, n_head=2, n_embd=32)
+    save_model(model, None, tmp_path / "m")
+    fp32 = load_model(tmp_path / "m")  # what training's resume gets
+    assert (fp32.dtype, fp32.device.type, fp32.training) == (torch.float32, "cpu", False)
+    half = load_model(tmp_path / "m", device="cpu", dtype="bfloat16")
+    assert half.dtype == torch.bfloat16
+    auto = load_model(tmp_path / "m", device="auto", dtype="auto")
+    assert auto.dtype == resolve_dtype("auto", auto.device.type)
+    with pytest.raises(ValueError, match="dtype must be auto, float32, float16 or bfloat16, got 'int8'"):
+        load_model(tmp_path / "m", dtype="int8")
+
+
+def test_dtype_rule():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("float16", "cpu") == torch.float16
+    assert resolve_dtype("bfloat16", "cuda:1") == torch.bfloat16
+    if torch.cuda.is_available():
+        assert resolve_dtype("auto", "cuda") == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def test_config_context_length_reads_either_name():
+    from transformers import GPT2Config, LlamaConfig
+
+    assert config_context_length(GPT2Config(n_positions=256)) == 256
+    assert config_context_length(LlamaConfig(max_position_embeddings=4096)) == 4096
+
+
+def test_loader_refuses_pickled_weights(tmp_path):
+    folder = tmp_path / "pickled"
+    model = build_model("tiny", vocab_size=300, block_size=32, eos_token_id=0, n_layer=1, n_head=2, n_embd=32)
+    save_model(model, None, folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
+    (folder / "train_state.pt").write_bytes(b"optimizer state, not weights")
+    with pytest.raises(ChatrayError, match=r"refusing to load pickled weights pytorch_model.bin from "):
+        load_model(folder)
+    with pytest.raises(ChatrayError, match="no config.json"):
+        load_model(tmp_path / "missing")
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(ChatrayError, match="no model.safetensors"):
+        load_model(folder)
+
+
+def test_tokenizer_is_loaded_from_the_model_folder(tmp_path):
+    from support.checkpoints import make_checkpoint
+
+    folder = make_checkpoint(tmp_path / "ckpt")
+    tok = load_model_tokenizer(folder)
+    assert tok.chat_template and tok.eos_token_id is not None
+    assert tok.decode(tok("hello, how are you?", add_special_tokens=False)["input_ids"]) == "hello, how are you?"
+    with pytest.raises(ChatrayError, match="cannot load the tokenizer"):
+        load_model_tokenizer(tmp_path / "missing")

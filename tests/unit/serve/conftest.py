@@ -15,7 +15,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
-    """(model, tokenizer) loaded through the serving loader."""
-    from chatray.serve.engine import load_for_serving
+    """(model, tokenizer) loaded as a CPU replica loads them."""
+    from chatray.model import load_model, load_model_tokenizer
 
-    return load_for_serving(tiny_checkpoint, device="cpu")
+    return load_model(tiny_checkpoint, device="cpu", dtype="auto"), load_model_tokenizer(tiny_checkpoint)

@@ -9,6 +9,7 @@ import yaml
 
 from chatray.errors import ChatrayError
 from chatray.serve.app import ServeArgs, build_app, model_name_from_checkpoint, parse_args
+from chatray.serve.settings import GeneratorSettings, IngressSettings, SamplingDefaults
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "serve_config.yaml"
@@ -24,20 +25,23 @@ def test_serve_config_is_valid_and_documented():
     assert "serve deploy serve_config.yaml" in text
     data = load_serve_config(CONFIG)
     schema = ServeDeploySchema.model_validate(data)
-    assert schema.http_options.host == "127.0.0.1" and schema.http_options.request_timeout_s
+    assert schema.http_options.host == "127.0.0.1" and schema.http_options.request_timeout_s == 120
     (app,) = schema.applications
     assert app.import_path == "chatray.serve.app:build_app"
     args = ServeArgs.model_validate(app.args)
-    assert args.checkpoint.endswith(":best") and args.api_key_env
+    assert args.checkpoint == ".demo/checkpoints/tiny-demo:best" and args.api_key_env == "CHATRAY_API_KEY"
     opts = _deployment_options(data["applications"][0])
     assert set(opts) == {"Ingress", "Generator"}
     gen = opts["Generator"]
     auto = gen["autoscaling_config"]
-    assert auto["min_replicas"] < auto["max_replicas"] and auto["target_ongoing_requests"] > 0
-    assert gen["max_queued_requests"] > 0 and gen["max_ongoing_requests"] >= args.max_batch_size
+    assert (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"]) == (1, 2, 8)
+    assert (gen["max_queued_requests"], gen["max_ongoing_requests"], args.max_batch_size) == (64, 32, 16)
+    assert gen["max_ongoing_requests"] >= args.max_batch_size  # a full batch plus as many waiting
     assert "num_gpus: 1" in text  # the commented GPU profile
-    assert {"health_check_period_s", "health_check_timeout_s", "ray_actor_options"} <= set(gen)
+    assert (gen["health_check_period_s"], gen["health_check_timeout_s"]) == (10, 30)
+    assert gen["ray_actor_options"] == {"num_cpus": 1}
     # the app's Ingress timeout fires before the proxy's, so clients get an OpenAI-shaped 408
+    assert (args.request_timeout_s, schema.http_options.request_timeout_s) == (100, 120)
     assert args.request_timeout_s < schema.http_options.request_timeout_s
     # every option is one that Deployment.options accepts
     app_obj = __import__("chatray.serve.app", fromlist=["build_app_with_options"]).build_app_with_options(
@@ -87,3 +91,31 @@ def test_model_names():
     assert model_name_from_checkpoint("s3://b/p/tiny-demo/checkpoint_000003/") == "tiny-demo"
     assert model_name_from_checkpoint("/x/my-model") == "my-model"
     assert parse_args({"checkpoint": "a"}).model_name is None
+
+
+def test_each_deployment_gets_typed_settings_built_from_the_args(tmp_path, monkeypatch):
+    """What serve_config.yaml's args give each part of the app (the values `chatray serve` users get)."""
+    monkeypatch.chdir(tmp_path)  # a relative checkpoint is made absolute where the app is built
+    monkeypatch.setenv("CHATRAY_API_KEY", "secret")
+    args = ServeArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
+    sampling = SamplingDefaults(max_tokens=128, temperature=0.7, top_p=0.95, top_k=0, repetition_penalty=1.1)
+    assert args.sampling_defaults() == sampling
+    assert args.generator_settings() == GeneratorSettings(
+        checkpoint=str(tmp_path / ".demo/checkpoints/tiny-demo:best"), model_name="tiny-demo", cache_dir=None,
+        device="auto", dtype="auto", max_batch_size=16, batch_wait_timeout_s=0.0, step_delay_s=0.0,
+        sampling=sampling)
+    assert args.ingress_settings() == IngressSettings(api_key="secret", max_body_bytes=1 << 20,
+                                                      request_timeout_s=100.0, retry_after_s=1.0)
+    monkeypatch.setenv("CHATRAY_API_KEY", "")
+    assert args.ingress_settings().api_key is None  # empty = no auth
+
+
+def test_args_left_out_get_the_serve_args_defaults():
+    args = parse_args({"checkpoint": "s3://bucket/runs/chat/checkpoint_000002", "api_key_env": None})
+    assert args.generator_settings() == GeneratorSettings(
+        checkpoint="s3://bucket/runs/chat/checkpoint_000002", model_name="chat", cache_dir=None, device="auto",
+        dtype="auto", max_batch_size=16, batch_wait_timeout_s=0.0, step_delay_s=0.0,
+        sampling=SamplingDefaults(max_tokens=256, temperature=0.7, top_p=1.0, top_k=0, repetition_penalty=1.0))
+    assert args.ingress_settings() == IngressSettings(api_key=None, max_body_bytes=1 << 20, request_timeout_s=100.0,
+                                                      retry_after_s=1.0)
+    assert parse_args(args) is args  # validated once: a ServeArgs passes through as it is

@@ -8,8 +8,12 @@ import random
 import pytest
 import torch
 
-from chatray.serve.engine import AsyncEngine, GenerationEngine, load_for_serving
+from chatray.serve.app import ServeArgs
+from chatray.serve.async_engine import AsyncEngine
+from chatray.serve.engine import GenerationEngine
 from chatray.serve.sampling import SamplingParams
+
+BATCH = ServeArgs().max_batch_size  # the batch size a replica gets unless serve_config.yaml says otherwise
 
 
 def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
@@ -69,7 +73,7 @@ def test_stop_string_is_cut_exactly_and_never_streamed(tiny_model):
     model, tok = tiny_model
     text = "I am fine, thank you. 你好, bye"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    engine = GenerationEngine(model, tok, eos_token_ids=[])
+    engine = GenerationEngine(model, tok, max_batch_size=BATCH, eos_token_ids=[])
     _force(engine, {"a": list(ids), "b": list(ids), "c": list(ids)})
     schedule = [("a", [1, 2], SamplingParams(max_tokens=len(ids), stop=("thank",))),
                 ("b", [3], SamplingParams(max_tokens=len(ids), stop=("nothing-like-this", ", b"))),
@@ -89,7 +93,7 @@ def test_unicode_is_streamed_whole_characters(tiny_model):
     model, tok = tiny_model
     text = "我喜欢游泳和跑步。你喜欢什么运动?"
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    engine = GenerationEngine(model, tok, eos_token_ids=[])
+    engine = GenerationEngine(model, tok, max_batch_size=BATCH, eos_token_ids=[])
     _force(engine, {"u": list(ids)})
     outs = _run(engine, [("u", [5], SamplingParams(max_tokens=len(ids)))])["u"]
     assert "".join(o.delta for o in outs) == text
@@ -100,13 +104,13 @@ def test_unicode_is_streamed_whole_characters(tiny_model):
 def test_eos_stops_and_is_not_in_the_text(tiny_model):
     model, tok = tiny_model
     ids = tok("hello there", add_special_tokens=False)["input_ids"]
-    engine = GenerationEngine(model, tok)
+    engine = GenerationEngine(model, tok, max_batch_size=BATCH)
     _force(engine, {"e": [*ids, tok.eos_token_id, *ids]})
     outs = _run(engine, [("e", [7], SamplingParams(max_tokens=20))])["e"]
     assert "".join(o.delta for o in outs) == "hello there"
     assert outs[-1].finish_reason == "stop" and outs[-1].completion_tokens == len(ids) + 1
     # ignore_eos keeps going (benchmarks): the EOS is skipped in the text, generation continues
-    engine2 = GenerationEngine(model, tok)
+    engine2 = GenerationEngine(model, tok, max_batch_size=BATCH)
     _force(engine2, {"e": [*ids, tok.eos_token_id, *ids]})
     outs2 = _run(engine2, [("e", [7], SamplingParams(max_tokens=2 * len(ids) + 1, ignore_eos=True))])["e"]
     assert outs2[-1].finish_reason == "length" and outs2[-1].completion_tokens == 2 * len(ids) + 1
@@ -116,22 +120,22 @@ def test_seed_reproducible_whatever_the_batch(tiny_model):
     model, tok = tiny_model
     prompt = tok("hello, how are you?", add_special_tokens=False)["input_ids"]
     params = SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=1234)
-    alone = GenerationEngine(model, tok, eos_token_ids=[]).generate([prompt], params)[0]
+    alone = GenerationEngine(model, tok, max_batch_size=BATCH, eos_token_ids=[]).generate([prompt], params)[0]
     rng = random.Random(1)
     others = [[rng.randrange(len(tok)) for _ in range(rng.randint(1, 20))] for _ in range(3)]
-    mixed = GenerationEngine(model, tok, eos_token_ids=[]).generate(
+    mixed = GenerationEngine(model, tok, max_batch_size=BATCH, eos_token_ids=[]).generate(
         [others[0], prompt, others[1], others[2]],
         [SamplingParams(max_tokens=5, temperature=0.0), params, SamplingParams(max_tokens=40, temperature=1.5),
          SamplingParams(max_tokens=12, top_k=3, repetition_penalty=1.3)])
     assert mixed[1].text == alone.text
-    other_seed = GenerationEngine(model, tok, eos_token_ids=[]).generate(
+    other_seed = GenerationEngine(model, tok, max_batch_size=BATCH, eos_token_ids=[]).generate(
         [prompt], SamplingParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=99))[0]
     assert other_seed.text != alone.text
 
 
 def test_abort_leaves_the_batch(tiny_model):
     model, tok = tiny_model
-    engine = GenerationEngine(model, tok, eos_token_ids=[])
+    engine = GenerationEngine(model, tok, max_batch_size=BATCH, eos_token_ids=[])
     engine.add_request("keep", [1, 2, 3], SamplingParams(max_tokens=50, temperature=0.0))
     engine.add_request("drop", [4, 5], SamplingParams(max_tokens=50, temperature=0.0))
     engine.add_request("queued", [6], SamplingParams(max_tokens=50, temperature=0.0))
@@ -149,7 +153,7 @@ def test_abort_leaves_the_batch(tiny_model):
 
 def test_request_that_does_not_fit_is_refused(tiny_model):
     model, tok = tiny_model
-    engine = GenerationEngine(model, tok)
+    engine = GenerationEngine(model, tok, max_batch_size=BATCH)
     with pytest.raises(ValueError, match=r"prompt \(100 tokens\) \+ max_tokens \(29\) = 129 .* context of 128"):
         engine.add_request("x", [1] * 100, SamplingParams(max_tokens=29))
     with pytest.raises(ValueError, match="at least one token"):
@@ -163,7 +167,7 @@ def test_padded_vocabulary_is_never_sampled(tiny_checkpoint, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=len(tok) + 64))
-    engine = GenerationEngine(model.eval(), tok, eos_token_ids=[])
+    engine = GenerationEngine(model.eval(), tok, max_batch_size=BATCH, eos_token_ids=[])
     seen: list[int] = []
     real = engine._consume
     engine._consume = lambda rows, tokens: (seen.extend(tokens), real(rows, tokens))[1]
@@ -175,12 +179,13 @@ def test_async_engine_streams_and_cancels(tiny_model):
     model, tok = tiny_model
 
     async def main():
-        engine = AsyncEngine(GenerationEngine(model, tok, eos_token_ids=[]), step_delay_s=0.005)
+        engine = AsyncEngine(GenerationEngine(model, tok, max_batch_size=BATCH, eos_token_ids=[]),
+                             batch_wait_timeout_s=0.005, step_delay_s=0.005)
         try:
             prompts = [[1, 2, 3], [4], [5, 6]]
             results = await asyncio.gather(*(engine.generate(p, SamplingParams(max_tokens=10, temperature=0.0))
                                              for p in prompts))
-            expected = GenerationEngine(model, tok, eos_token_ids=[]).generate(
+            expected = GenerationEngine(model, tok, max_batch_size=BATCH, eos_token_ids=[]).generate(
                 prompts, SamplingParams(max_tokens=10, temperature=0.0))
             assert [r.text for r in results] == [e.text for e in expected]
             # a consumer that goes away mid-stream frees the batch slot
@@ -211,7 +216,8 @@ def test_whole_reply_crosses_threads_once_and_cancels(tiny_model):
     model, tok = tiny_model
 
     async def main():
-        engine = AsyncEngine(GenerationEngine(model, tok, eos_token_ids=[]), step_delay_s=0.002)
+        engine = AsyncEngine(GenerationEngine(model, tok, max_batch_size=BATCH, eos_token_ids=[]),
+                             batch_wait_timeout_s=0.005, step_delay_s=0.002)
         try:
             params = SamplingParams(max_tokens=12, temperature=0.0)
             streamed = [o async for o in engine.stream([7, 8, 9], params)]
@@ -237,29 +243,14 @@ def test_whole_reply_crosses_threads_once_and_cancels(tiny_model):
     asyncio.run(main())
 
 
-def test_loader_refuses_pickled_weights(tmp_path, tiny_checkpoint):
-    import shutil
-
-    from chatray.errors import ChatrayError
-
-    folder = tmp_path / "pickled"
-    shutil.copytree(tiny_checkpoint, folder)
-    (folder / "model.safetensors").unlink()
-    (folder / "pytorch_model.bin").write_bytes(b"not really a pickle")
-    with pytest.raises(ChatrayError, match="refusing to load pickled weights pytorch_model.bin"):
-        load_for_serving(folder)
-    with pytest.raises(ChatrayError, match="no config.json"):
-        load_for_serving(tmp_path / "missing")
-
-
 def test_engine_failure_fails_requests_instead_of_hanging(tiny_model):
     from chatray.serve.engine import EngineError
 
     model, tok = tiny_model
 
     async def main():
-        core = GenerationEngine(model, tok, eos_token_ids=[])
-        engine = AsyncEngine(core)
+        core = GenerationEngine(model, tok, max_batch_size=BATCH, eos_token_ids=[])
+        engine = AsyncEngine(core, batch_wait_timeout_s=0.005, step_delay_s=0.0)
         real = core._prefill
         calls = {"n": 0}
 

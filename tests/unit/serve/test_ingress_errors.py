@@ -13,6 +13,7 @@ import grpc
 import pytest
 from ray.exceptions import ActorUnavailableError
 
+from chatray.serve.app import ServeArgs
 from chatray.serve.ingress import Ingress
 from chatray.serve.schemas import APIError, CompletionRequest
 
@@ -44,7 +45,7 @@ class _Generator:
     ActorUnavailableError("Actor is unavailable.", None),
 ], ids=["grpc-internal", "actor-unavailable"])
 def test_a_failed_generator_call_is_a_503_with_retry_after(error):
-    ingress = _IngressClass(_Generator(error), {"retry_after_s": 2})
+    ingress = _IngressClass(_Generator(error), ServeArgs(retry_after_s=2, api_key_env=None).ingress_settings())
     req = CompletionRequest.model_validate({"prompt": "hi", "max_tokens": 4})
     with pytest.raises(APIError) as info:
         asyncio.run(ingress._generate("completion", req))

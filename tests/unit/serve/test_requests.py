@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from chatray.serve.prompting import SamplingDefaults, build_prompt
+from chatray.serve.app import ServeArgs
+from chatray.serve.prompting import build_prompt
 from chatray.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest, parse_request
 
 OK = {"messages": [{"role": "user", "content": "hi"}]}
@@ -83,7 +84,8 @@ def test_build_prompt_uses_the_chat_template(tiny_model):
                                                  {"role": "user", "content": "你喜欢什么运动?"}],
                                     "temperature": 0, "stop": "\n", "seed": -5, "max_tokens": 10}).encode(),
                         ChatCompletionRequest)
-    ids, params = build_prompt(tok, req, context_length=128, vocab_size=len(tok), defaults=SamplingDefaults())
+    ids, params = build_prompt(tok, req, context_length=128, vocab_size=len(tok),
+                               defaults=ServeArgs().sampling_defaults())
     text = tok.apply_chat_template([{"role": "system", "content": "be brief"},
                                     {"role": "user", "content": "你喜欢什么运动?"}],
                                    tokenize=False, add_generation_prompt=True)
@@ -94,7 +96,7 @@ def test_build_prompt_uses_the_chat_template(tiny_model):
 
 def test_build_prompt_defaults_and_context_limits(tiny_model):
     _, tok = tiny_model
-    defaults = SamplingDefaults(max_tokens=50, temperature=0.3, top_k=4)
+    defaults = ServeArgs(max_tokens=50, temperature=0.3, top_k=4).sampling_defaults()
 
     def build(body):
         return build_prompt(tok, parse_request(json.dumps(body).encode(), CompletionRequest),

@@ -1,0 +1,155 @@
+"""The thread bridge between the synchronous engine and asyncio: what the Serve replica awaits.
+
+:class:`AsyncEngine` runs :meth:`GenerationEngine.step` in a loop on a background thread, because a step blocks
+(a forward pass) while the replica's event loop must stay free to accept and stream other requests. Each
+request gets an async iterator of :class:`StepOutput`; outputs cross threads with ``call_soon_threadsafe`` onto
+the asyncio queue of the request's own event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+from chatray.serve.engine import Completion, EngineError, GenerationEngine, StepOutput
+from chatray.serve.sampling import SamplingParams
+
+__all__ = ["AsyncEngine"]
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """Runs a :class:`GenerationEngine` step loop in a background thread; requests are async iterators.
+
+    Args:
+        engine: the synchronous engine.
+        batch_wait_timeout_s: when the engine is idle and a request arrives, wait this long for others to
+            arrive so that they are prefilled together (later arrivals join the running batch anyway).
+        step_delay_s: sleep after every step. Testing only: makes timing-dependent tests deterministic.
+    """
+
+    def __init__(self, engine: GenerationEngine, *, batch_wait_timeout_s: float, step_delay_s: float) -> None:
+        self.engine = engine
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.step_delay_s = step_delay_s
+        # request id -> (its event loop, its queue, text parts gathered here for whole-reply requests or None)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[str] | None]] = {}
+        self._streams_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="chatray-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the step loop thread is running."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+                     request_id: str | None = None, *, whole: bool = False) -> AsyncIterator[StepOutput]:
+        """Generate for one request, yielding a :class:`StepOutput` per step until one has finish_reason.
+
+        With ``whole``, the step loop gathers the text itself and yields only the final output, whose delta is
+        the whole reply: one hand-over between threads per request instead of one per token.
+        Closing the iterator early (client gone, task cancelled) aborts the request in the engine.
+
+        Raises:
+            ValueError: the request does not fit (see :meth:`GenerationEngine.add_request`).
+            EngineError: the engine failed while the request ran.
+        """
+        rid = request_id or f"req-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._streams_lock:
+            self._streams[rid] = (asyncio.get_running_loop(), queue, [] if whole else None)
+        finished = False
+        try:
+            self.engine.add_request(rid, prompt_ids, params)
+            self._wake.set()
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if item.finish_reason is not None:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._streams_lock:
+                self._streams.pop(rid, None)
+            if not finished:
+                self.engine.abort_request(rid)
+                self._wake.set()
+
+    async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
+                       request_id: str | None = None) -> Completion:
+        """Generate for one request and return the whole :class:`Completion`."""
+        agen = self.stream(prompt_ids, params, request_id, whole=True)
+        try:
+            async for out in agen:
+                if out.finish_reason is not None:
+                    return Completion(out.request_id, out.delta, out.finish_reason, out.prompt_tokens,
+                                      out.completion_tokens)
+        finally:
+            await agen.aclose()
+        raise EngineError("generation ended without a finish reason")  # pragma: no cover
+
+    def stats(self) -> dict[str, Any]:
+        """Counters plus the current number of running and waiting requests."""
+        return {**self.engine.stats, "running": self.engine.num_running(), "waiting": self.engine.num_waiting(),
+                "alive": self.alive, "last_error": self.last_error}
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the step loop thread."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _deliver(self, rid: str, item: StepOutput | BaseException) -> None:
+        with self._streams_lock:
+            target = self._streams.get(rid)
+        if target is None:
+            return
+        loop, queue, parts = target
+        if parts is not None and isinstance(item, StepOutput):  # whole-reply request: hand over only the end
+            parts.append(item.delta)
+            if item.finish_reason is None:
+                return
+            item = replace(item, delta="".join(parts))
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the request's event loop is closed: nobody is listening any more
+            self.engine.abort_request(rid)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            if self.engine.num_running() == 0 and self.batch_wait_timeout_s > 0:
+                time.sleep(self.batch_wait_timeout_s)  # gather a burst of arrivals into one prefill
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - fail the in-flight requests, keep serving
+                logger.exception("engine step failed")
+                self.last_error = f"{type(e).__name__}: {e}"
+                err = EngineError(f"generation failed: {type(e).__name__}: {e}")
+                for rid in self.engine.fail_all():
+                    self._deliver(rid, err)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            if self.step_delay_s > 0:
+                time.sleep(self.step_delay_s)

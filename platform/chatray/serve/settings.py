@@ -1,0 +1,63 @@
+"""The typed settings each part of the Serve application receives.
+
+``build_app`` validates :class:`~chatray.serve.app.ServeArgs` once and builds these from it
+(:meth:`~chatray.serve.app.ServeArgs.generator_settings`, :meth:`~chatray.serve.app.ServeArgs.ingress_settings`);
+replicas take them as they are. No defaults here: every value comes from ``ServeArgs``, where each default is
+written once.
+
+Imports nothing heavy (no torch, no Ray): the app builder, the ingress and the replicas all import it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["GeneratorSettings", "IngressSettings", "SamplingDefaults"]
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What a request gets for each sampling field it leaves out."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+
+
+@dataclass(frozen=True)
+class GeneratorSettings:
+    """What one ``Generator`` replica needs.
+
+    Attributes:
+        checkpoint: the checkpoint URI the app was built with (relative paths already made absolute).
+        model_name: the id ``/v1/models`` reports.
+        cache_dir: where the replica copies a remote checkpoint (None: the resolver's default).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16``.
+        max_batch_size: requests decoded together.
+        batch_wait_timeout_s: how long an idle engine waits to prefill a burst of arrivals together.
+        step_delay_s: sleep after each decode step (tests only).
+        sampling: defaults for fields a request leaves out.
+    """
+
+    checkpoint: str
+    model_name: str
+    cache_dir: str | None
+    device: str
+    dtype: str
+    max_batch_size: int
+    batch_wait_timeout_s: float
+    step_delay_s: float
+    sampling: SamplingDefaults
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    """What the HTTP ingress needs; ``api_key`` is the secret itself, read where the app is built."""
+
+    api_key: str | None
+    max_body_bytes: int
+    request_timeout_s: float
+    retry_after_s: float
