@@ -47,7 +47,7 @@ def plain_loop(data: str, *, steps: int, warmup: int, micro: int, block: int, th
     import torch.nn.functional as F
 
     from chatray.model import build_model
-    from chatray.train.data import iter_local_batches
+    from chatray.train.batches import iter_local_batches
     from chatray.train.step import StepConfig, lr_multiplier
 
     torch.set_num_threads(threads)
@@ -83,7 +83,7 @@ def step_throughput(data: str, packing: str, *, steps: int, micro: int, block: i
     import torch
 
     from chatray.model import build_model
-    from chatray.train.data import iter_local_batches
+    from chatray.train.batches import iter_local_batches
     from chatray.train.step import StepConfig, TrainStep
 
     torch.set_num_threads(threads)

@@ -3,7 +3,7 @@
 Runs where there is PyTorch and transformers but no Ray (a lent GPU machine): it drives
 ``chatray.train.step.TrainStep`` -- the exact step a Ray Train worker runs (AdamW fused, warm-up + cosine,
 clipping, bf16 autocast, torch.compile) -- on a GPT-2 124M-config model with random weights, fed with
-packed blocks made by ``chatray.train.data.pack_rows`` from synthetic dialogue-length rows (nothing is
+packed blocks made by ``chatray.train.batches.pack_rows`` from synthetic dialogue-length rows (nothing is
 downloaded, no dataset needed).
 
     python benchmarks/gpu_train.py              # CUDA: bf16 + compile vs an fp32 eager baseline (< 4 min on an H100)
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from chatray.data.dataset import IGNORE_INDEX  # noqa: E402
 from chatray.model import quiet_transformers, tiny_config  # noqa: E402
-from chatray.train.data import Batch, pack_rows, packed_batch  # noqa: E402
+from chatray.train.batches import Batch, pack_rows, packed_batch  # noqa: E402
 from chatray.train.step import StepConfig, TrainStep  # noqa: E402
 
 MFU_TARGET = 0.40

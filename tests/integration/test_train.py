@@ -70,7 +70,7 @@ def _one_process_losses(dataset: str, steps: int) -> list[float]:
 
     from chatray.data.dataset import load_tokenizer, read_split_rows
     from chatray.model import build_model
-    from chatray.train.data import pack_rows, packed_batch
+    from chatray.train.batches import pack_rows, packed_batch
     from chatray.train.step import StepConfig, TrainStep
 
     tok = load_tokenizer(dataset)

@@ -1,9 +1,9 @@
 """Fine-tuning on Ray Train.
 
 Modules (import what you need; this package itself imports nothing heavy, so the Ray-free parts such as
-:mod:`chatray.train.step` and :mod:`chatray.train.data` work where Ray is not installed):
+:mod:`chatray.train.step` and :mod:`chatray.train.batches` work where Ray is not installed):
 
-* :mod:`chatray.train.data`     rows -> packed/padded batches; the Ray Dataset of the train split
+* :mod:`chatray.train.batches`  rows -> packed/padded batches; the Ray Dataset of the train split
 * :mod:`chatray.train.step`     :class:`~chatray.train.step.TrainStep`, one optimizer step (no Ray)
 * :mod:`chatray.train.loop`     ``train_loop_per_worker`` run by every Ray Train worker
 * :mod:`chatray.train.trainer`  ``plan_run``, ``build_trainer(cfg) -> TorchTrainer``, ``run_training``

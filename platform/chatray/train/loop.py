@@ -27,7 +27,7 @@ from chatray.config import FinetuneConfig, from_dict, to_dict
 from chatray.data.dataset import read_split_rows
 from chatray.storage.checkpoints import CheckpointInfo, checkpoint_dir_name, list_checkpoints
 from chatray.storage.uri import download_dir, exists, is_remote, join, write_text
-from chatray.train.data import Batch, collate_padded, packed_batch
+from chatray.train.batches import Batch, collate_padded, packed_batch
 
 if TYPE_CHECKING:
 

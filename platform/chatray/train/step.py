@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from chatray.data.dataset import IGNORE_INDEX
-from chatray.train.data import Batch, dummy_batch
+from chatray.train.batches import Batch, dummy_batch
 
 __all__ = ["StepConfig", "StepResult", "TrainStep", "lr_multiplier", "make_optimizer", "rng_state", "set_rng_state"]
 

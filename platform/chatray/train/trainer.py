@@ -242,7 +242,7 @@ def build_trainer(cfg: FinetuneConfig, plan: dict[str, Any] | None = None) -> To
     from ray.train.torch import TorchTrainer
 
     from chatray.storage.uri import s3_filesystem
-    from chatray.train.data import make_train_dataset
+    from chatray.train.batches import make_train_dataset
     from chatray.train.loop import train_loop_per_worker
     from chatray.train.splits import ExactSplitDataConfig
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chatray.model import build_model
-from chatray.train.data import iter_local_batches
+from chatray.train.batches import iter_local_batches
 from chatray.train.step import StepConfig, TrainStep, lr_multiplier, rng_state, set_rng_state
 
 
