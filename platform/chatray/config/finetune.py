@@ -7,7 +7,7 @@ sections (e.g. :meth:`chatray.train.step.StepConfig.from_config`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from chatray.config.loading import opt
 
@@ -28,6 +28,16 @@ def _raise_problems(problems: list[str]) -> None:
         raise ValueError("; ".join(problems))
 
 
+def _too_low(obj: Any, nullable: bool = False, **minimums: float) -> list[str]:
+    """``KEY must be >= MIN`` for each field of ``obj`` below its minimum; an unset (None) field passes.
+
+    Args:
+        nullable: the fields may be null, and the message says so.
+    """
+    return [f"{key} must be >= {low}{' or null' if nullable else ''}, got {getattr(obj, key)}"
+            for key, low in minimums.items() if getattr(obj, key) is not None and getattr(obj, key) < low]
+
+
 @dataclasses.dataclass
 class DataSection:
     """Where the prepared dataset is and how rows become training sequences."""
@@ -44,11 +54,7 @@ class DataSection:
         problems = []
         if not self.path:
             problems.append("path must name a prepared dataset")
-        if self.block_size is not None and self.block_size < 8:
-            problems.append(f"block_size must be >= 8, got {self.block_size}")
-        if self.pack_rows < 1:
-            problems.append(f"pack_rows must be >= 1, got {self.pack_rows}")
-        _raise_problems(problems)
+        _raise_problems(problems + _too_low(self, block_size=8, pack_rows=1))
 
 
 @dataclasses.dataclass
@@ -67,10 +73,7 @@ class ModelSection:
         problems = []
         if not self.name:
             problems.append("name must be a preset, hub id or folder")
-        for key in ("n_layer", "n_head", "n_embd"):
-            v = getattr(self, key)
-            if v is not None and v < 1:
-                problems.append(f"{key} must be >= 1, got {v}")
+        problems += _too_low(self, n_layer=1, n_head=1, n_embd=1)
         if self.n_embd and self.n_head and self.n_embd % self.n_head:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
@@ -99,31 +102,16 @@ class TrainSection:
     log_every: int = opt(10, "log loss, lr and tokens/s every N steps")
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.max_steps < 1:
-            problems.append(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.micro_batch_size < 1:
-            problems.append(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.global_batch_size is not None and self.global_batch_size < 1:
-            problems.append(f"global_batch_size must be >= 1, got {self.global_batch_size}")
-        if self.grad_accum < 1:
-            problems.append(f"grad_accum must be >= 1, got {self.grad_accum}")
+        problems = _too_low(self, max_steps=1, micro_batch_size=1, global_batch_size=1, grad_accum=1)
         if not self.lr > 0:
             problems.append(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             problems.append(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if self.warmup_steps < 0:
-            problems.append(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        problems += _too_low(self, warmup_steps=0, weight_decay=0)
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 problems.append(f"{key} must be in [0, 1), got {getattr(self, key)}")
-        if self.grad_clip < 0:
-            problems.append(f"grad_clip must be >= 0, got {self.grad_clip}")
-        if self.log_every < 1:
-            problems.append(f"log_every must be >= 1, got {self.log_every}")
-        _raise_problems(problems)
+        _raise_problems(problems + _too_low(self, grad_clip=0, log_every=1))
 
 
 @dataclasses.dataclass
@@ -136,14 +124,10 @@ class ScalingSection:
     torch_threads: int | None = opt(None, "torch CPU threads per worker (default: cpus_per_worker, at least 1)")
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.num_workers < 1:
-            problems.append(f"num_workers must be >= 1, got {self.num_workers}")
+        problems = _too_low(self, num_workers=1)
         if not self.cpus_per_worker > 0:
             problems.append(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        if self.torch_threads is not None and self.torch_threads < 1:
-            problems.append(f"torch_threads must be >= 1, got {self.torch_threads}")
-        _raise_problems(problems)
+        _raise_problems(problems + _too_low(self, torch_threads=1))
 
 
 @dataclasses.dataclass
@@ -162,9 +146,7 @@ class RunSection:
             problems.append(f"name must be a plain folder name (no '/', ':' or leading '.'), got {self.name!r}")
         if not self.storage_path:
             problems.append("storage_path must be a folder or s3:// URI")
-        if self.max_failures < -1:
-            problems.append(f"max_failures must be >= -1, got {self.max_failures}")
-        _raise_problems(problems)
+        _raise_problems(problems + _too_low(self, max_failures=-1))
 
 
 @dataclasses.dataclass
@@ -177,14 +159,8 @@ class EvalSection:
     sample_max_tokens: int = opt(32, "tokens generated for the sample reply")
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.every < 0:
-            problems.append(f"every must be >= 0, got {self.every}")
-        if self.max_batches is not None and self.max_batches < 1:
-            problems.append(f"max_batches must be >= 1 or null, got {self.max_batches}")
-        if self.sample_max_tokens < 1:
-            problems.append(f"sample_max_tokens must be >= 1, got {self.sample_max_tokens}")
-        _raise_problems(problems)
+        _raise_problems(_too_low(self, every=0) + _too_low(self, nullable=True, max_batches=1)
+                        + _too_low(self, sample_max_tokens=1))
 
 
 @dataclasses.dataclass
@@ -195,12 +171,7 @@ class CheckpointSection:
     num_to_keep: int | None = opt(3, "checkpoints kept per run, ranked by eval_loss (the latest is always kept)")
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.every < 1:
-            problems.append(f"every must be >= 1, got {self.every}")
-        if self.num_to_keep is not None and self.num_to_keep < 1:
-            problems.append(f"num_to_keep must be >= 1 or null, got {self.num_to_keep}")
-        _raise_problems(problems)
+        _raise_problems(_too_low(self, every=1) + _too_low(self, nullable=True, num_to_keep=1))
 
 
 @dataclasses.dataclass
