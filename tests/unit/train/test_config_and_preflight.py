@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from train_helpers import make_checkpoint, make_dataset
 
@@ -24,7 +25,13 @@ def test_shipped_job_configs_load(path):
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("# Launch: chatray train"), "each YAML starts with its launch command"
     cfg = load_config(FinetuneConfig, path)
+    for section, values in yaml.safe_load(path.read_text(encoding="utf-8")).items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{path.name}: {section}.{key}"
     assert cfg.global_batch_size % cfg.scaling.num_workers == 0
+    if cfg.train.global_batch_size is not None:  # sets grad_accum, which must divide it out exactly
+        assert cfg.global_batch_size == cfg.train.global_batch_size
+        assert cfg.grad_accum * cfg.train.micro_batch_size * cfg.scaling.num_workers == cfg.train.global_batch_size
 
 
 def test_bad_values_are_reported_together():
