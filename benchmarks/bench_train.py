@@ -46,8 +46,9 @@ def plain_loop(data: str, *, steps: int, warmup: int, micro: int, block: int, th
     import torch
     import torch.nn.functional as F
 
+    from chatray.config import FinetuneConfig, from_dict
     from chatray.model import build_model
-    from chatray.train.data import iter_local_batches
+    from chatray.train.batches import iter_local_batches
     from chatray.train.step import StepConfig, lr_multiplier
 
     torch.set_num_threads(threads)
@@ -56,8 +57,10 @@ def plain_loop(data: str, *, steps: int, warmup: int, micro: int, block: int, th
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=(0.9, 0.95), fused=True)
+    schedule = StepConfig.from_config(from_dict(FinetuneConfig, {"train": {"lr": lr, "warmup_steps": 10,
+                                                                           "max_steps": steps + warmup}}))
     sched = torch.optim.lr_scheduler.LambdaLR(  # the schedule chatray uses (warm-up + cosine)
-        opt, lambda s: lr_multiplier(s, StepConfig(lr=lr, warmup_steps=10, max_steps=steps + warmup)))
+        opt, lambda s: lr_multiplier(s, schedule))
     batches = []
     while len(batches) < steps + warmup:
         batches += list(iter_local_batches(data, "train", packing="pack", block_size=block, micro_batch_size=micro,
@@ -82,13 +85,15 @@ def step_throughput(data: str, packing: str, *, steps: int, micro: int, block: i
     """(tokens/s, real tokens/s, real share) of chatray's TrainStep on packed or padded batches (no Ray)."""
     import torch
 
+    from chatray.config import FinetuneConfig, from_dict
     from chatray.model import build_model
-    from chatray.train.data import iter_local_batches
+    from chatray.train.batches import iter_local_batches
     from chatray.train.step import StepConfig, TrainStep
 
     torch.set_num_threads(threads)
     model = build_model("tiny", vocab_size=vocab, block_size=block, eos_token_id=pad_id, seed=0)
-    step = TrainStep(model, StepConfig(lr=1e-3, warmup_steps=5, max_steps=1000), torch.device("cpu"), pad_id)
+    cfg = from_dict(FinetuneConfig, {"train": {"lr": 1e-3, "warmup_steps": 5, "max_steps": 1000}})
+    step = TrainStep(model, StepConfig.from_config(cfg), torch.device("cpu"), pad_id)
     batches = list(iter_local_batches(data, "train", packing=packing, block_size=block, micro_batch_size=micro,
                                       pad_id=pad_id))
     share = sum(b.n_real for b in batches) / sum(b.n_tokens for b in batches)

@@ -3,7 +3,7 @@
 Runs where there is PyTorch and transformers but no Ray (a lent GPU machine): it drives
 ``chatray.train.step.TrainStep`` -- the exact step a Ray Train worker runs (AdamW fused, warm-up + cosine,
 clipping, bf16 autocast, torch.compile) -- on a GPT-2 124M-config model with random weights, fed with
-packed blocks made by ``chatray.train.data.pack_rows`` from synthetic dialogue-length rows (nothing is
+packed blocks made by ``chatray.train.batches.pack_rows`` from synthetic dialogue-length rows (nothing is
 downloaded, no dataset needed).
 
     python benchmarks/gpu_train.py              # CUDA: bf16 + compile vs an fp32 eager baseline (< 4 min on an H100)
@@ -31,9 +31,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from chatray.config import FinetuneConfig, from_dict  # noqa: E402
 from chatray.data.dataset import IGNORE_INDEX  # noqa: E402
 from chatray.model import quiet_transformers, tiny_config  # noqa: E402
-from chatray.train.data import Batch, pack_rows, packed_batch  # noqa: E402
+from chatray.train.batches import Batch, pack_rows, packed_batch  # noqa: E402
 from chatray.train.step import StepConfig, TrainStep  # noqa: E402
 
 MFU_TARGET = 0.40
@@ -64,6 +65,14 @@ def synthetic_batches(n: int, micro: int, block: int, vocab: int, seed: int = 0)
     packed = pack_rows(ids, labs, block, pad_id=0)
     return [packed_batch(packed["input_ids"][i * micro:(i + 1) * micro], packed["labels"][i * micro:(i + 1) * micro],
                          packed["n_real"][i * micro:(i + 1) * micro]) for i in range(n)]
+
+
+def step_config(device: torch.device, **train: object) -> StepConfig:
+    """The step settings a worker on ``device`` would use for a run whose ``train`` section sets ``train``."""
+    compile_ = bool(train.pop("compile", False))
+    cfg = from_dict(FinetuneConfig, {"train": {"lr": 6e-4, "warmup_steps": 2, "max_steps": 1000, **train},
+                                     "model": {"compile": compile_}})
+    return StepConfig.from_config(cfg, device.type)
 
 
 def build(arch: str | None, block: int, vocab: int, device: torch.device) -> torch.nn.Module:
@@ -135,8 +144,7 @@ def main() -> int:
     torch.backends.cudnn.allow_tf32 = True
     model = build(arch, block, vocab, device)
     fpt, n_params = flops_per_token(model, block)
-    cfg = StepConfig(lr=6e-4, warmup_steps=2, max_steps=1000, precision="bf16" if cuda else "fp32",
-                     compile=cuda and not args.no_compile)
+    cfg = step_config(device, compile=cuda and not args.no_compile)  # precision auto: bf16 on CUDA
     fast = measure("bf16+compile" if cfg.compile else cfg.precision, TrainStep(model, cfg, device), batches, warmup,
                    steps, device)
     mfu = fast * fpt / (args.peak_tflops * 1e12)
@@ -149,8 +157,7 @@ def main() -> int:
         torch.backends.cuda.matmul.allow_tf32 = False  # true fp32, as an fp32 eager loop would run by default
         torch.backends.cudnn.allow_tf32 = False
         model = build(arch, block, vocab, device)
-        base = measure("fp32 eager", TrainStep(model, StepConfig(lr=6e-4, warmup_steps=2, max_steps=1000,
-                                                                 precision="fp32"), device),
+        base = measure("fp32 eager", TrainStep(model, step_config(device, precision="fp32"), device),
                        batches, 1, base_steps, device)
     ratio = fast / base if base else None
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "params_non_pos_emb": n_params,

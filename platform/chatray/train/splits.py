@@ -2,7 +2,7 @@
 
 Ray Train's default ``DataConfig`` uses ``streaming_split(n, equal=True)``, which drops up to ``n - 1`` rows
 per epoch to make the splits equal. Here whole blocks go to the worker that has received the fewest rows
-so far, so with the equal-sized blocks of :func:`chatray.train.data.make_train_dataset` the shares differ
+so far, so with the equal-sized blocks of :func:`chatray.train.batches.make_train_dataset` the shares differ
 by at most one block; the training step copes (a worker whose share ran out joins the gradient
 all-reduce with an empty batch until every worker is done), so nothing is lost. Order is preserved and
 locality hints are off, so a worker's share of an epoch is the same on a rerun: resuming can skip exactly

@@ -14,35 +14,54 @@ same step as one worker with batch B.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import random
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from chatray.data.dataset import IGNORE_INDEX
-from chatray.train.data import Batch, dummy_batch
+from chatray.train.batches import Batch, dummy_batch
 
-__all__ = ["StepConfig", "StepResult", "TrainStep", "lr_multiplier", "make_optimizer", "rng_state", "set_rng_state"]
+if TYPE_CHECKING:
+    from chatray.config import FinetuneConfig
+
+__all__ = ["StepConfig", "StepResult", "TrainStep", "lr_multiplier", "make_optimizer"]
+
+# Fields of StepConfig resolved from more than the ``train`` section; the others are copied from it by name.
+_RESOLVED = ("grad_accum", "precision", "compile")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepConfig:
-    """Optimiser and numerics of a training step."""
+    """Optimiser and numerics of a training step, resolved for one device.
 
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    max_steps: int = 1000
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False
+    Built by :meth:`from_config`: the defaults and help texts live in :class:`chatray.config.TrainSection`.
+    """
+
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    max_steps: int
+    weight_decay: float
+    beta1: float
+    beta2: float
+    grad_clip: float
+    grad_accum: int  # micro-batches per optimizer step on each worker (global_batch_size applied)
+    precision: Literal["fp32", "bf16"]  # ``auto`` resolved for the device
+    compile: bool  # ``model.compile``
+
+    @classmethod
+    def from_config(cls, cfg: FinetuneConfig, device_type: str = "cpu") -> StepConfig:
+        """The step settings of run ``cfg`` on a device of type ``device_type`` (``cpu``, ``cuda``)."""
+        t = cfg.train
+        shared = {f.name: getattr(t, f.name) for f in dataclasses.fields(cls) if f.name not in _RESOLVED}
+        precision = t.precision
+        if precision == "auto":
+            precision = "bf16" if device_type == "cuda" else "fp32"
+        return cls(**shared, grad_accum=cfg.grad_accum, precision=precision, compile=cfg.model.compile)
 
 
 @dataclass
@@ -77,24 +96,6 @@ def make_optimizer(model: torch.nn.Module, cfg: StepConfig, device: torch.device
         return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
     except (RuntimeError, TypeError):  # fused unsupported for this device/dtype
         return torch.optim.AdamW(groups, **kwargs)
-
-
-def rng_state() -> dict[str, Any]:
-    """Torch (CPU + CUDA) and Python RNG states, in types ``torch.load(weights_only=True)`` accepts."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved."""
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):
-            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _distributed() -> bool:

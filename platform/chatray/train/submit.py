@@ -113,7 +113,7 @@ def submit_training(config: str | None, overrides: list[str], *, address: str | 
         ChatrayError / ConfigError: bad config, unreachable cluster.
     """
     from chatray.config import FinetuneConfig, load_config
-    from chatray.train.trainer import absolute_paths
+    from chatray.train.plan import absolute_paths
 
     cfg = absolute_paths(load_config(FinetuneConfig, config, overrides))
     root = source_root()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from train_helpers import make_checkpoint, make_dataset
 
@@ -13,7 +15,7 @@ from chatray.cli import cli
 from chatray.config import ConfigError, FinetuneConfig, load_config
 from chatray.errors import ChatrayError
 from chatray.model import build_model, save_model
-from chatray.train.trainer import plan_run
+from chatray.train.plan import RunPlan, plan_run
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -23,7 +25,13 @@ def test_shipped_job_configs_load(path):
     first = path.read_text(encoding="utf-8").splitlines()[0]
     assert first.startswith("# Launch: chatray train"), "each YAML starts with its launch command"
     cfg = load_config(FinetuneConfig, path)
+    for section, values in yaml.safe_load(path.read_text(encoding="utf-8")).items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{path.name}: {section}.{key}"
     assert cfg.global_batch_size % cfg.scaling.num_workers == 0
+    if cfg.train.global_batch_size is not None:  # sets grad_accum, which must divide it out exactly
+        assert cfg.global_batch_size == cfg.train.global_batch_size
+        assert cfg.grad_accum * cfg.train.micro_batch_size * cfg.scaling.num_workers == cfg.train.global_batch_size
 
 
 def test_bad_values_are_reported_together():
@@ -52,11 +60,23 @@ def _cfg(ds: Path, storage: Path, *extra: str) -> FinetuneConfig:
 
 
 def test_plan_resolves_block_size_and_ids(small_dataset, tmp_path):
+    from chatray.data.dataset import load_tokenizer, read_manifest
+
     cfg, plan = plan_run(_cfg(small_dataset, tmp_path))
-    assert plan["block_size"] == 64 and plan["start_step"] == 0
-    assert plan["run_uri"] == str(tmp_path / "r")
-    assert plan["eval_rows"] > 0 and plan["vocab_size"] >= 300
+    assert plan.block_size == 64 and plan.start_step == 0
+    assert plan.run_uri == str(tmp_path / "r")
+    manifest, tok = read_manifest(str(small_dataset)), load_tokenizer(str(small_dataset))
+    assert (plan.eval_rows, plan.train_rows) == (16, 120) == (manifest["splits"]["eval"]["rows"],
+                                                             manifest["splits"]["train"]["rows"])
+    assert plan.vocab_size == len(tok) and (plan.pad_id, plan.eos_id) == (tok.pad_token_id, tok.eos_token_id)
+    assert plan.fingerprint == manifest["tokenizer"]["fingerprint"] and plan.grad_accum == cfg.grad_accum
     assert Path(cfg.data.path).is_absolute()
+
+
+def test_plan_travels_to_the_workers_unchanged(small_dataset, tmp_path):
+    cfg, plan = plan_run(_cfg(small_dataset, tmp_path, "train.global_batch_size=16", "train.micro_batch_size=4"))
+    loop_config = json.loads(json.dumps(plan.loop_config(cfg)))  # what Ray ships is plain data
+    assert RunPlan.from_loop_config(loop_config) == (cfg, plan)
 
 
 def test_missing_dataset(tmp_path):
@@ -76,6 +96,11 @@ def test_model_context_and_tokenizer_mismatch(small_dataset, tmp_path):
                load_tokenizer(str(other)), tmp_path / "other-model")
     with pytest.raises(ChatrayError, match="uses a different tokenizer"):
         plan_run(_cfg(small_dataset, tmp_path, f"model.name={tmp_path / 'other-model'}"))
+    own = load_tokenizer(str(small_dataset))
+    save_model(build_model("tiny", vocab_size=len(own), block_size=64, eos_token_id=0, n_layer=1, n_head=2,
+                           n_embd=32), own, tmp_path / "same-tokenizer")
+    _, plan = plan_run(_cfg(small_dataset, tmp_path, f"model.name={tmp_path / 'same-tokenizer'}"))
+    assert plan.block_size == 64  # the dataset's own tokenizer passes the check
 
 
 def test_storage_not_writable(small_dataset, tmp_path):
@@ -87,14 +112,14 @@ def test_storage_not_writable(small_dataset, tmp_path):
 
 def test_resume_with_incompatible_config_is_refused(small_dataset, tmp_path):
     cfg, plan = plan_run(_cfg(small_dataset, tmp_path, "model.n_layer=1"))
-    saved = {"config": json.loads(json.dumps(__import__("dataclasses").asdict(cfg))), "plan": plan}
+    saved = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "plan": dataclasses.asdict(plan)}
     make_checkpoint(tmp_path / "r", 10, eval_loss=1.0, dataset=small_dataset, config=saved)
     _, again = plan_run(_cfg(small_dataset, tmp_path, "model.n_layer=1", "train.max_steps=50"))
-    assert again["start_step"] == 10  # same model: resumes
+    assert again.start_step == 10  # same model: resumes
     with pytest.raises(ChatrayError, match=r"cannot resume run .* from step 10: n_layer was 1, now 2"):
         plan_run(_cfg(small_dataset, tmp_path, "model.n_layer=2"))
     _, fresh = plan_run(_cfg(small_dataset, tmp_path, "model.n_layer=2", "run.resume=false"))  # start over
-    assert fresh["start_step"] == 0
+    assert fresh.start_step == 0
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
     assert len(aside) == 1 and (aside[0] / "checkpoint_00000010" / "model.safetensors").is_file(), "kept, not deleted"
 

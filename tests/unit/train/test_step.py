@@ -8,14 +8,21 @@ import math
 import pytest
 import torch
 
+from chatray.config import FinetuneConfig, from_dict
 from chatray.model import build_model
-from chatray.train.data import iter_local_batches
-from chatray.train.step import StepConfig, TrainStep, lr_multiplier, rng_state, set_rng_state
+from chatray.train.batches import iter_local_batches
+from chatray.train.state import rng_state, set_rng_state
+from chatray.train.step import StepConfig, TrainStep, lr_multiplier
 
 
 def _model(vocab: int, seed: int = 0):
     return build_model("tiny", vocab_size=vocab, block_size=32, eos_token_id=0, n_layer=1, n_head=2, n_embd=32,
                        seed=seed)
+
+
+def _step_cfg(**train) -> StepConfig:
+    """Step settings of a run whose ``train`` section sets ``train`` (the rest: the section's defaults)."""
+    return StepConfig.from_config(from_dict(FinetuneConfig, {"train": train}))
 
 
 def _batches(ds, micro: int = 4, n: int | None = None):
@@ -27,7 +34,7 @@ def _batches(ds, micro: int = 4, n: int | None = None):
 
 
 def test_lr_schedule_warmup_then_cosine_to_min():
-    cfg = StepConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    cfg = _step_cfg(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
     assert lr_multiplier(0, cfg) == pytest.approx(0.1)
     assert lr_multiplier(9, cfg) == pytest.approx(1.0)
     assert lr_multiplier(60, cfg) == pytest.approx(0.55)
@@ -37,7 +44,7 @@ def test_lr_schedule_warmup_then_cosine_to_min():
 
 def test_loss_falls(small_dataset):
     vocab, batches = _batches(small_dataset)
-    step = TrainStep(_model(vocab), StepConfig(lr=3e-3, warmup_steps=2, max_steps=40), torch.device("cpu"))
+    step = TrainStep(_model(vocab), _step_cfg(lr=3e-3, warmup_steps=2, max_steps=40), torch.device("cpu"))
     first = step.evaluate(batches[:4])[0]
     for i in range(40):
         step([batches[i % len(batches)]])
@@ -51,8 +58,8 @@ def test_grad_accumulation_matches_one_big_batch(small_dataset):
     """Token-weighted normalisation: 2 micro-batches of 4 == 1 batch of 8 (same update, float tolerance)."""
     vocab, b4 = _batches(small_dataset, micro=4, n=4)
     _, b8 = _batches(small_dataset, micro=8, n=2)
-    a = TrainStep(_model(vocab), StepConfig(grad_accum=2, warmup_steps=0), torch.device("cpu"))
-    b = TrainStep(_model(vocab), StepConfig(grad_accum=1, warmup_steps=0), torch.device("cpu"))
+    a = TrainStep(_model(vocab), _step_cfg(grad_accum=2, warmup_steps=0), torch.device("cpu"))
+    b = TrainStep(_model(vocab), _step_cfg(grad_accum=1, warmup_steps=0), torch.device("cpu"))
     a([b4[0], b4[1]])
     b([b8[0]])
     for pa, pb in zip(a.raw_model.parameters(), b.raw_model.parameters()):
@@ -61,7 +68,7 @@ def test_grad_accumulation_matches_one_big_batch(small_dataset):
 
 def test_exhausted_micro_batches(small_dataset):
     vocab, batches = _batches(small_dataset, n=2)
-    step = TrainStep(_model(vocab), StepConfig(grad_accum=2), torch.device("cpu"))
+    step = TrainStep(_model(vocab), _step_cfg(grad_accum=2), torch.device("cpu"))
     assert step([None, None]) is None and step.step == 0  # nobody has data: nothing happens
     res = step([batches[0], None])  # data ran out mid-step: the empty slot adds nothing
     assert res is not None and res.loss_tokens == batches[0].n_loss and step.step == 1
@@ -70,7 +77,7 @@ def test_exhausted_micro_batches(small_dataset):
 def test_state_round_trip_continues_identically(small_dataset):
     """Save after 3 steps, restore into a fresh model: the next 2 steps match the uninterrupted run."""
     vocab, batches = _batches(small_dataset, n=6)
-    cfg = StepConfig(lr=2e-3, warmup_steps=2, max_steps=10)
+    cfg = _step_cfg(lr=2e-3, warmup_steps=2, max_steps=10)
     run = TrainStep(_model(vocab), cfg, torch.device("cpu"))
     for b in batches[:3]:
         run([b])
@@ -92,3 +99,17 @@ def test_state_round_trip_continues_identically(small_dataset):
         resumed([b])
     for pa, pb in zip(run.raw_model.parameters(), resumed.raw_model.parameters()):
         torch.testing.assert_close(pa, pb)
+
+
+def test_step_config_comes_from_the_run_config():
+    cfg = from_dict(FinetuneConfig, {"train": {"lr": 3e-4, "global_batch_size": 32, "micro_batch_size": 4,
+                                               "grad_clip": 0.5}, "scaling": {"num_workers": 2},
+                                     "model": {"compile": True}})
+    step_cfg = StepConfig.from_config(cfg)
+    assert (step_cfg.lr, step_cfg.grad_clip, step_cfg.grad_accum, step_cfg.compile) == (3e-4, 0.5, 4, True)
+    defaults = FinetuneConfig().train
+    for name in ("min_lr_ratio", "warmup_steps", "max_steps", "weight_decay", "beta1", "beta2"):
+        assert getattr(step_cfg, name) == getattr(defaults, name), name
+    assert (step_cfg.precision, StepConfig.from_config(cfg, "cuda").precision) == ("fp32", "bf16")  # auto
+    fp32 = from_dict(FinetuneConfig, {"train": {"precision": "fp32"}})
+    assert StepConfig.from_config(fp32, "cuda").precision == "fp32"

@@ -74,6 +74,7 @@ def make_checkpoint(run: Path, step: int, *, eval_loss: float | None, dataset: P
     from chatray.data.dataset import load_tokenizer
     from chatray.model import build_model, save_model
     from chatray.storage.checkpoints import checkpoint_dir_name
+    from chatray.train.state import TRAIN_STATE_VERSION
 
     tok = load_tokenizer(str(dataset))
     model = build_model("tiny", vocab_size=len(tok), block_size=64, eos_token_id=tok.eos_token_id, n_layer=n_layer,
@@ -81,7 +82,7 @@ def make_checkpoint(run: Path, step: int, *, eval_loss: float | None, dataset: P
     out = run / checkpoint_dir_name(step)
     save_model(model, tok, out)
     if with_train_state:
-        torch.save({"version": 1, "trainer": {"step": step}}, out / "train_state.pt")
+        torch.save({"version": TRAIN_STATE_VERSION, "trainer": {"step": step}}, out / "train_state.pt")
     if config is not None:
         (out / "train_config.json").write_text(json.dumps(config), encoding="utf-8")
     files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}

@@ -5,7 +5,7 @@ into blocks of ``block_size + 1`` tokens that overlap by one, so every token is 
 only the last block of each packing batch is padded. Padding keeps one row per sequence, padded to the
 longest row of the micro-batch (rounded up to a multiple of 8).
 
-The same functions serve the Ray Train workers (via Ray Data ``map_batches`` and ``get_dataset_shard``)
+The same functions serve the Ray Train workers (via Ray Data ``map_batches`` and :class:`ShardStream`)
 and the Ray-free paths (``benchmarks/gpu_train.py``, unit tests, the plain-PyTorch baseline). Only numpy
 and pyarrow at module level; torch is imported where batches become tensors.
 """
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Batch",
+    "ShardStream",
     "collate_padded",
     "dummy_batch",
     "iter_local_batches",
@@ -235,3 +236,64 @@ def make_train_dataset(dataset_uri: str, *, packing: Literal["pack", "pad"], blo
         ds = ds.map_batches(_pack_batch, fn_kwargs={"block_size": block_size, "pad_id": pad_id},
                             batch_size=pack_rows_per_batch, batch_format="numpy")
     return ds.repartition(target_num_rows_per_block=rows_per_block)
+
+
+class ShardStream:
+    """Micro-batches from one worker's dataset shard, one epoch at a time, resumable by position.
+
+    :meth:`next` returns None once this worker's share of the epoch is used up; the caller starts the next
+    epoch only when every worker is out (Ray Data's split starts epochs in lock-step).
+
+    Args:
+        shard: the worker's ``ray.train.get_dataset_shard("train")`` (rows as :func:`make_train_dataset` made them).
+        epoch, skip: where to continue: the epoch, and the micro-batches of it already consumed.
+    """
+
+    def __init__(self, shard: Any, *, micro_batch_size: int, packing: Literal["pack", "pad"], block_size: int,
+                 pad_id: int, epoch: int = 0, skip: int = 0) -> None:
+        self.shard = shard
+        self.micro_batch_size = micro_batch_size
+        self.packing = packing
+        self.block_size = block_size
+        self.pad_id = pad_id
+        self.epoch = epoch
+        self.pulled = 0  # micro-batch requests in this epoch (same on every rank)
+        self._skip = skip
+        self._it: Any = None
+        self._done = False
+
+    def _open(self) -> None:
+        self._it = iter(self.shard.iter_batches(batch_size=self.micro_batch_size, batch_format="numpy",
+                                                prefetch_batches=2, drop_last=False))
+        skipped = 0
+        while skipped < self._skip and not self._done:
+            try:
+                next(self._it)
+            except StopIteration:
+                self._done = True
+            skipped += 1
+        self.pulled = self._skip
+        self._skip = 0
+
+    def next(self) -> Batch | None:
+        """The next micro-batch of this epoch, or None when this worker's share is used up."""
+        if self._it is None:
+            self._open()
+        self.pulled += 1
+        if self._done:
+            return None
+        try:
+            raw = next(self._it)
+        except StopIteration:
+            self._done = True
+            return None
+        if self.packing == "pack":
+            return packed_batch(raw["input_ids"], raw["labels"], raw["n_real"])
+        return collate_padded(raw["input_ids"], raw["labels"], self.pad_id, self.block_size)
+
+    def next_epoch(self) -> None:
+        """Start the next epoch (the shard is iterated afresh)."""
+        self.epoch += 1
+        self.pulled = 0
+        self._it = None
+        self._done = False

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from chatray.data.dataset import IGNORE_INDEX, read_split_rows
-from chatray.train.data import collate_padded, iter_local_batches, pack_rows, rows_to_batches
+from chatray.train.batches import collate_padded, iter_local_batches, pack_rows, rows_to_batches
 
 
 def _rows(lengths: list[int], seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
