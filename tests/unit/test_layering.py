@@ -1,0 +1,102 @@
+"""The package's imports run one way (DESIGN.md, "Layout"), read from the source with ast.
+
+    cli, demo -> data | train | serve | localcluster -> model | storage | rayenv -> config | errors
+
+Among the middle row only train -> data (the dataset format) is allowed. Imports inside functions count:
+a lazy import is still a dependency.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "platform" / "chatray"
+
+LAYERS = {
+    "cli": 3, "demo": 3, "__main__": 3,
+    "data": 2, "train": 2, "serve": 2, "localcluster": 2,
+    "model": 1, "storage": 1, "rayenv": 1,
+    "config": 0, "errors": 0,
+}
+# Edges between parts of the same layer that the design allows: training reads the dataset format, and a
+# model is loaded from a checkpoint URI. Entry points (layer 3) may call each other.
+ALLOWED_SIDEWAYS = {("train", "data"), ("model", "storage")}
+
+
+def _part(module: str) -> str | None:
+    """``chatray.serve.engine`` -> ``serve``; ``chatray`` itself -> None."""
+    names = module.split(".")
+    return names[1] if names[0] == "chatray" and len(names) > 1 else None
+
+
+def _source_part(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def _imports(path: Path, root: Path = PACKAGE) -> list[tuple[int, str]]:
+    """(line, imported module) for every import of ``chatray...`` in the file, relative imports resolved."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = ["chatray", *path.relative_to(root).parent.parts]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names if a.name.startswith("chatray")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            if module == "chatray":  # `from chatray import errors` names parts; `__version__` is the package's own
+                out += [(node.lineno, f"chatray.{a.name}") for a in node.names
+                        if (root / a.name).is_dir() or (root / f"{a.name}.py").is_file()]
+            elif module.startswith("chatray."):
+                out.append((node.lineno, module))
+    return out
+
+
+def _violations() -> list[str]:
+    problems = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        src = _source_part(path)
+        if src == "__init__":
+            continue
+        assert src in LAYERS, f"{path}: part {src!r} has no layer in this test (add it to LAYERS and DESIGN.md)"
+        for line, module in _imports(path):
+            dst = _part(module)
+            if dst is None or dst == src:
+                continue
+            assert dst in LAYERS, f"{path}:{line}: imports unknown part {dst!r}"
+            if LAYERS[dst] < LAYERS[src] or (src, dst) in ALLOWED_SIDEWAYS or LAYERS[src] == LAYERS[dst] == 3:
+                continue
+            problems.append(f"{path.relative_to(PACKAGE)}:{line}: {src} (layer {LAYERS[src]}) imports {module} "
+                            f"(layer {LAYERS[dst]})")
+    return problems
+
+
+def test_imports_run_one_way():
+    problems = _violations()
+    assert not problems, "imports against the layering:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("src, dst", [("serve", "train"), ("train", "serve"), ("data", "train"), ("data", "serve"),
+                                      ("localcluster", "serve"), ("localcluster", "train"),
+                                      ("localcluster", "data"), ("model", "data"), ("storage", "model"),
+                                      ("config", "model")])
+def test_forbidden_edges_are_caught(src, dst):
+    """The rule itself: each edge the design forbids is reported (so the check above can fail)."""
+    allowed = LAYERS[dst] < LAYERS[src] or (src, dst) in ALLOWED_SIDEWAYS
+    assert not allowed
+
+
+def test_import_reader_sees_lazy_and_relative_imports(tmp_path):
+    root = tmp_path / "chatray"
+    probe = root / "serve" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    (root / "errors.py").touch()
+    probe.write_text("def f():\n    from chatray.train import step\n\nfrom .. import errors\nfrom . import app\n")
+    assert sorted(_imports(probe, root)) == [(2, "chatray.train"), (4, "chatray.errors"), (5, "chatray.serve")]
