@@ -31,6 +31,9 @@ from chatray.storage.uri import filesystem_for, is_remote, join
 
 __all__ = [
     "CHECKPOINT_PREFIX",
+    "MODEL_FILE",
+    "METRICS_FILE",
+    "TRAIN_STATE_FILE",
     "CheckpointInfo",
     "best_checkpoint",
     "check_checkpoint",

@@ -140,10 +140,12 @@ def _sample_reply(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, 
     """Greedy reply of the (unwrapped) model to one user message, through the chat template."""
     import torch
 
+    from chatray.model import config_context_length
+
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(device)
-    ctx = getattr(model.config, "n_positions", 1024)
+    ctx = config_context_length(model.config) or 1024
     ids = ids[:, -max(ctx - max_new_tokens, 1):]
     was_training = model.training
     model.eval()
