@@ -80,7 +80,7 @@ def detect_format(path: Path, text: str) -> str:
     stripped = text.lstrip()
     if not stripped:
         raise DataError(str(path), "file is empty")
-    if suffix == ".json" or stripped.startswith("["):
+    if suffix == ".json" or is_json_document(stripped):  # the rule parse_records reads the file by
         try:
             doc = json.loads(text)
         except json.JSONDecodeError:

@@ -52,6 +52,16 @@ def test_turn_lists(tmp_path):
     assert convs[1].source.endswith("t.json: record 1")
 
 
+def test_one_line_jsonl_turn_list_is_one_conversation(tmp_path):
+    """A JSONL file with a single line of turns is read by lines, as a file of several lines is."""
+    f = _write(tmp_path / "one.jsonl", json.dumps(["你好,我是小明。", "你好,我是小红。"], ensure_ascii=False) + "\n")
+    convs, src = read_file(f)
+    assert src.format == "turns" and src.conversations == 1
+    assert convs[0].messages == [{"role": "user", "content": "你好,我是小明。"},
+                                 {"role": "assistant", "content": "你好,我是小红。"}]
+    assert convs[0].source.endswith("one.jsonl:line 1")
+
+
 def test_chatterbot_yaml(tmp_path):
     f = _write(tmp_path / "c.yml",
                "categories:\n- x\nconversations:\n- - 你喜欢什么运动?\n  - 我喜欢足球。\n- - yes\n  - 42\n")
