@@ -15,7 +15,8 @@ def data() -> None:
 @data.command("prepare")
 @click.argument("inputs", nargs=-1)
 @click.option("--out", required=True, help="Output folder or s3://bucket/prefix.")
-@click.option("--demo", is_flag=True, help="Use the bundled chatterbot-corpus dialogues (English and Chinese).")
+@click.option("--demo", is_flag=True,
+              help="Use the bundled dialogues: chatterbot English and Chinese, and the founding conversation.")
 @click.option("--format", "fmt", default="auto", show_default=True,
               type=click.Choice(["auto", "openai", "sharegpt", "turns", "chatterbot"]), help="Input format.")
 @click.option("--tokenizer", default="train:8000", show_default=True,
@@ -34,7 +35,7 @@ def data() -> None:
 def prepare(inputs: tuple[str, ...], out: str, demo: bool, fmt: str, tokenizer: str, max_length: int,
             eval_fraction: float, shards: int | None, seed: int, skip_invalid: bool, train_on_all: bool,
             overwrite: bool, num_workers: int | None, quiet: bool) -> None:
-    """Turn dialogue files (INPUTS: files, folders, chatterbot:english|chinese) into a training dataset."""
+    """Turn dialogue files (INPUTS: files, folders, chatterbot:LANG, chatray:founding) into a training dataset."""
     from chatray.data.corpus import DEMO_INPUTS
     from chatray.data.prepare import prepare_dataset
 

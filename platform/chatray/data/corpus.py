@@ -1,4 +1,9 @@
-"""The chatterbot-corpus dialogues shipped on PyPI: the offline default for demos and tests."""
+"""The dialogues the demo trains on, all offline: the chatterbot-corpus package (English and Chinese) and the
+conversation chatray was founded on, bundled with the package (``founding.jsonl``).
+
+The founding conversation is stored as written and once more from its question on, so that a chat which opens
+with that question (as the demo's does) has an example in the data.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,12 @@ from pathlib import Path
 
 from chatray.errors import ChatrayError
 
-__all__ = ["DEMO_INPUTS", "corpus_dir", "corpus_root", "expand_corpus_inputs"]
+__all__ = ["DEMO_INPUTS", "FOUNDING", "corpus_dir", "corpus_root", "expand_corpus_inputs"]
 
-#: What ``chatray data prepare --demo`` reads: English and Chinese conversations.
-DEMO_INPUTS = ["chatterbot:english", "chatterbot:chinese"]
+#: What ``chatray data prepare --demo`` reads: chatterbot's English and Chinese, and the founding conversation.
+DEMO_INPUTS = ["chatterbot:english", "chatterbot:chinese", "chatray:founding"]
+#: The founding conversation (turn lists, JSONL).
+FOUNDING = Path(__file__).with_name("founding.jsonl")
 
 
 def corpus_dir(language: str) -> Path:
@@ -32,8 +39,10 @@ def corpus_dir(language: str) -> Path:
 
 
 def expand_corpus_inputs(inputs: list[str]) -> list[str]:
-    """Replace ``chatterbot:LANG`` entries by the corpus folder; leave paths unchanged."""
-    return [str(corpus_dir(i.split(":", 1)[1])) if i.startswith("chatterbot:") else i for i in inputs]
+    """Replace ``chatterbot:LANG`` entries by the corpus folder and ``chatray:founding`` by the bundled file;
+    leave paths unchanged."""
+    return [str(corpus_dir(i.split(":", 1)[1])) if i.startswith("chatterbot:")
+            else str(FOUNDING) if i == "chatray:founding" else i for i in inputs]
 
 
 def corpus_root() -> Path | None:

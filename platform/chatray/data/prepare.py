@@ -339,7 +339,7 @@ def prepare_dataset(
     """Prepare a dialogue dataset for training.
 
     Args:
-        inputs: files, folders, or ``chatterbot:english`` / ``chatterbot:chinese`` (empty: the demo corpus).
+        inputs: files, folders, or ``chatterbot:LANG`` / ``chatray:founding`` (empty: the demo corpus).
         out: destination folder or ``s3://bucket/prefix``.
         fmt: input format or ``auto``.
         tokenizer: ``train[:VOCAB]``, ``gpt2``, a hub id or a local tokenizer/model folder.

@@ -257,7 +257,7 @@ def read_file(path: Path, fmt: str = "auto", *, skip_invalid: bool = False,
 
 def iter_conversations(inputs: list[str], fmt: str = "auto", *, skip_invalid: bool = False,
                        errors: list[str] | None = None) -> tuple[list[Conversation], list[SourceFile]]:
-    """Read every input (files, folders, or ``chatterbot:english|chinese``) into one list, in this process.
+    """Read every input (files, folders, ``chatterbot:LANG``, ``chatray:founding``) into one list, in this process.
 
     Raises:
         DataError / ChatrayError: see :func:`read_file`; also when no conversation at all was read.

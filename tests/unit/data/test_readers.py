@@ -81,6 +81,17 @@ def test_bundled_corpus_reads():
     assert any("运动" in m["content"] for c in convs for m in c.messages)
 
 
+def test_demo_inputs_include_the_founding_conversation():
+    from chatray.data.corpus import DEMO_INPUTS, FOUNDING
+
+    convs, sources = iter_conversations(DEMO_INPUTS)
+    founding = [c for c in convs if c.source.startswith(str(FOUNDING))]
+    turns = ["你好,我是小明。", "你好,我是小红。", "你喜欢什么运动?", "我喜欢打篮球。", "你呢?", "我喜欢跑步。"]
+    assert [[m["content"] for m in c.messages] for c in founding] == [turns, turns[2:]]
+    assert all(m["role"] == ("user", "assistant")[j % 2] for c in founding for j, m in enumerate(c.messages))
+    assert sources[-1].path == str(FOUNDING) and sources[-1].format == "turns"
+
+
 @pytest.mark.parametrize(
     "name, content, where, reason",
     [
