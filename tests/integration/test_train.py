@@ -58,7 +58,7 @@ def two_workers(tiny_dataset, s3_server, ray_session):
     mp = pytest.MonkeyPatch()
     mp.setenv(FAULT_ENV, "45")  # forwarded to the workers: rank 1 exits hard once after step 45
     try:
-        summary = run_training(_cfg(tiny_dataset, storage, "two"), progress=False)
+        summary = run_training(_cfg(tiny_dataset, storage, "two", "eval.at_start=true"), progress=False)
     finally:
         mp.undo()
     return f"{storage}/two", summary
@@ -103,23 +103,27 @@ def test_killed_worker_run_finishes_without_gaps(two_workers, tiny_dataset):
     from chatray.storage.uri import exists
 
     assert exists(f"{run}/.fault-injected-45"), "the fault hook fired"
-    recs = read_metrics(run)
+    untrained, *recs = read_metrics(run)
+    # eval.at_start: the untrained model's eval is the first line, kept when the run resumed at step 40
+    assert untrained["step"] == 0 and "loss" not in untrained and untrained["sample"] is not None
     assert [r["step"] for r in recs] == list(range(1, STEPS + 1)), "every step logged exactly once"
     assert len({r["epoch"] for r in recs}) >= 2, "the run crossed epochs"
-    evals = [r for r in recs if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [20, 40, 60]
+    evals = [untrained] + [r for r in recs if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 20, 40, 60]
     assert all(r["perplexity"] == pytest.approx(math.exp(r["eval_loss"])) for r in evals)
     early, late = _window_means(recs)[0], _window_means(recs)[-1]
     assert late < early - 1.0, (early, late)
-    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"] < math.log(len(load_tokenizer(tiny_dataset))), \
+    assert evals[-1]["eval_loss"] < evals[1]["eval_loss"] < math.log(len(load_tokenizer(tiny_dataset))), \
         "below a uniform guess over the vocabulary"
+    # a random init predicts about uniformly: its eval loss is near log(vocab), far above the trained model's
+    assert untrained["eval_loss"] > evals[1]["eval_loss"] + 1.0
     steps = [c.step for c in list_checkpoints(run) if c.valid]
     assert STEPS in steps and len(steps) <= 3  # num_to_keep=2 by eval_loss, plus the latest
 
 
 def test_two_workers_match_one_process(two_workers, tiny_dataset):
     run, _ = two_workers
-    two = [r["loss"] for r in read_metrics(run)]
+    two = [r["loss"] for r in read_metrics(run) if "loss" in r]
     one = _one_process_losses(tiny_dataset, STEPS)
     rel = [abs(a - b) / b for a, b in zip(one, two)]
     print(f"1 process vs 2 workers: max relative loss difference {max(rel):.2e} over {len(rel)} steps")

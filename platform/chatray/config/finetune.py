@@ -157,6 +157,7 @@ class EvalSection:
     max_batches: int | None = opt(20, "eval micro-batches per worker (null = the whole eval split)")
     sample_prompt: str = opt("Hello! How are you?", "user message whose greedy reply is logged at each eval ('' = off)")
     sample_max_tokens: int = opt(32, "tokens generated for the sample reply")
+    at_start: bool = opt(False, "also evaluate the untrained model before the first step (logged as step 0)")
 
     def __post_init__(self) -> None:
         _raise_problems(_too_low(self, every=0) + _too_low(self, nullable=True, max_batches=1)

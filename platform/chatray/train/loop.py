@@ -198,6 +198,8 @@ class _Run:
             if rank == 0:
                 say(f"already at step {start} >= train.max_steps={max_steps}; raise train.max_steps to continue")
             return
+        if start == 0 and self.cfg.eval.at_start and self.plan.eval_rows > 0:
+            self._evaluate_untrained()
         while self.step.step < max_steps:
             res = self.step([self.stream.next() for _ in range(self.step.cfg.grad_accum)])
             if res is None:  # every worker is out of data
@@ -253,14 +255,29 @@ class _Run:
             "elapsed_s": time.perf_counter() - self.worker.t_start, "first_step_s": self.first_step_s,
             "workers": self.worker.world,
         }
-        if do_eval:
-            eval_loss, _ = self.step.evaluate(self.eval_batches)
-            rec["eval_loss"] = eval_loss
-            rec["perplexity"] = math.exp(min(eval_loss, 50.0)) if math.isfinite(eval_loss) else float("nan")
-            if self.worker.rank == 0 and self.cfg.eval.sample_prompt:
-                rec["sample"] = _sample_reply(self.step.raw_model, self.tokenizer, self.cfg.eval.sample_prompt,
-                                              self.cfg.eval.sample_max_tokens, self.worker.device)
-        return rec
+        return {**rec, **self._evaluate()} if do_eval else rec
+
+    def _evaluate(self) -> dict[str, Any]:
+        """Eval loss and perplexity over the eval batches (every rank), and rank 0's sample reply."""
+        eval_loss, _ = self.step.evaluate(self.eval_batches)
+        out: dict[str, Any] = {
+            "eval_loss": eval_loss,
+            "perplexity": math.exp(min(eval_loss, 50.0)) if math.isfinite(eval_loss) else float("nan"),
+        }
+        if self.worker.rank == 0 and self.cfg.eval.sample_prompt:
+            out["sample"] = _sample_reply(self.step.raw_model, self.tokenizer, self.cfg.eval.sample_prompt,
+                                          self.cfg.eval.sample_max_tokens, self.worker.device)
+        return out
+
+    def _evaluate_untrained(self) -> None:
+        """``eval.at_start``: the model before its first step, logged as step 0 (the baseline the run improves on)."""
+        rec = {"step": 0, "epoch": self.stream.epoch, **self._evaluate()}
+        if self.log is None:
+            return
+        self.log.append(rec)
+        say(f"before training: eval_loss {rec['eval_loss']:.4f} | ppl {rec['perplexity']:.2f}")
+        if rec.get("sample") is not None:
+            say(f"sample reply to {self.cfg.eval.sample_prompt!r}: {rec['sample']!r}")
 
     def _print(self, rec: dict[str, Any]) -> None:
         """Rank 0: append to ``metrics.jsonl`` and print the log line."""

@@ -51,12 +51,13 @@ class MetricsLog:
     Args:
         run_uri: ``<storage>/<run>``.
         keep_until_step: existing lines with ``step`` above this are dropped (a resumed run redoes those steps);
-            0 for a fresh run.
+            0 for a run that starts from scratch, which keeps none (not even an earlier attempt's step-0 eval).
     """
 
     def __init__(self, run_uri: str, keep_until_step: int = 0) -> None:
         self.uri = join(run_uri, METRICS_JSONL)
-        self.records = [r for r in read_metrics(run_uri) if int(r.get("step", 0)) <= keep_until_step]
+        old = read_metrics(run_uri) if keep_until_step > 0 else []
+        self.records = [r for r in old if int(r.get("step", 0)) <= keep_until_step]
         self._write()
 
     def append(self, record: dict[str, Any]) -> None:
