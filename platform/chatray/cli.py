@@ -51,7 +51,7 @@ def cli(debug: bool) -> None:
 
     \b
     Typical flow:
-      chatray data prepare --demo --out .demo/data --tokenizer train:8000 --max-length 128
+      chatray data prepare --demo --out .demo/data --tokenizer train:4000 --max-length 64
       chatray train --config jobs/finetune_tiny.yaml
       chatray serve --checkpoint .demo/checkpoints/tiny-demo:best
       chatray chat

@@ -1,8 +1,9 @@
 """``make demo``: the whole platform on one machine, end to end, with progress throughout.
 
-Steps: local Ray cluster (``ray start --head`` on 127.0.0.1, token auth) -> prepare the bundled chatterbot
-dialogues (English + Chinese) -> submit ``jobs/finetune_tiny.yaml`` through the Ray Jobs API and follow it ->
-``serve deploy`` serve_config.yaml with the run's best checkpoint -> chat requests over HTTP.
+Steps: local Ray cluster (``ray start --head`` on 127.0.0.1, token auth) -> prepare the bundled dialogues
+(chatterbot English + Chinese, and the founding conversation) -> submit ``jobs/finetune_tiny.yaml`` through the
+Ray Jobs API and follow it -> ``serve deploy`` serve_config.yaml with the run's best checkpoint -> chat requests
+over HTTP -> the untrained and the fine-tuned model side by side (eval loss, perplexity, the same prompt).
 A second run reuses the dataset, a finished training run, and a healthy deployment.
 
     python -m chatray.demo [--fresh] [--no-chat]
@@ -26,7 +27,11 @@ DEMO_DIR = REPO / ".demo"
 DATA = DEMO_DIR / "data"
 JOB_CONFIG = REPO / "jobs" / "finetune_tiny.yaml"
 SERVE_CONFIG = REPO / "serve_config.yaml"
-PROMPTS = [("你喜欢什么运动?", 0.7), ("What is AI?", 0.7), ("Hello, how are you?", 0.0)]
+# How the demo prepares its data (``chatray data prepare --demo`` options); the demo test prepares it the same way.
+# Rows of at most 64 tokens keep padded batches short: the tiny model sees its corpus more often in its budget.
+PREPARE_OPTIONS = {"tokenizer": "train:4000", "max_length": 64}
+# (prompt, temperature): at 0 a prompt from the training data gets that data's answer.
+PROMPTS = [("你喜欢什么运动?", 0.0), ("What is AI?", 0.0), ("你喜欢什么运动?", 0.7), ("Hello, how are you?", 0.7)]
 
 
 def _step(n: int, total: int, msg: str) -> float:
@@ -52,7 +57,8 @@ def _job_settings() -> dict:
     from chatray.config import FinetuneConfig, load_config
 
     cfg = load_config(FinetuneConfig, JOB_CONFIG)
-    return {"storage": cfg.run.storage_path, "name": cfg.run.name, "data": cfg.data.path}
+    return {"storage": cfg.run.storage_path, "name": cfg.run.name, "data": cfg.data.path,
+            "sample_prompt": cfg.eval.sample_prompt}
 
 
 def run_demo(fresh: bool = False, chat: bool = True) -> None:
@@ -60,7 +66,7 @@ def run_demo(fresh: bool = False, chat: bool = True) -> None:
     from chatray.localcluster import resources_from_env, start_local_cluster
     from chatray.rayenv import ray_auth_env
 
-    total = 5
+    total = 6
     t_all = time.perf_counter()
     os.chdir(REPO)
     DEMO_DIR.mkdir(exist_ok=True)
@@ -75,12 +81,15 @@ def run_demo(fresh: bool = False, chat: bool = True) -> None:
 
     settings = _job_settings()
     data = Path(settings["data"]) if Path(settings["data"]).is_absolute() else REPO / settings["data"]
-    t = _step(2, total, f"prepare the bundled chatterbot dialogues (English + Chinese) -> {data}")
-    if (data / "manifest.json").exists() and not fresh:
+    t = _step(2, total, f"prepare the bundled dialogues (chatterbot English + Chinese, the founding conversation) "
+                        f"-> {data}")
+    if _dataset_current(data) and not fresh:
         _done(t, "reusing the prepared dataset")
     else:
-        _chatray("data", "prepare", "--demo", "--out", str(data), "--tokenizer", "train:8000", "--max-length", "128",
-                 "--overwrite", env={**env, "RAY_ADDRESS": cluster.address})
+        fresh = True  # a new dataset: the run trains from scratch on it
+        _chatray("data", "prepare", "--demo", "--out", str(data), "--tokenizer", PREPARE_OPTIONS["tokenizer"],
+                 "--max-length", str(PREPARE_OPTIONS["max_length"]), "--overwrite",
+                 env={**env, "RAY_ADDRESS": cluster.address})
         _done(t)
 
     storage = settings["storage"]
@@ -112,6 +121,9 @@ def run_demo(fresh: bool = False, chat: bool = True) -> None:
         t = _step(5, total, "chat requests over HTTP")
         _chat(url)
         _done(t)
+        t = _step(6, total, "before and after fine-tuning")
+        _compare(f"{storage}/{run}", best, url, settings["sample_prompt"])
+        _done(t)
     print(f"\nDemo finished in {time.perf_counter() - t_all:.0f}s.\n")
     print(f"  chat:       .venv/bin/chatray chat --url {url}")
     print(f"  one-shot:   .venv/bin/chatray generate --url {url} \"你喜欢什么运动?\"")
@@ -120,6 +132,19 @@ def run_demo(fresh: bool = False, chat: bool = True) -> None:
     print(f"  dashboard:  {cluster.dashboard_url}   (Ray auth token in ~/.ray/auth_token)")
     print(f"  training:   .venv/bin/chatray train status {run} --storage {storage}")
     print("  stop all:   make down   (or .venv/bin/chatray down)")
+
+
+def _dataset_current(data: Path) -> bool:
+    """Whether ``data`` was prepared as this demo prepares it (a dataset from other settings is redone)."""
+    import json
+
+    try:
+        manifest = json.loads((data / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    sources = [str(s.get("path", "")) for s in manifest.get("sources", []) if isinstance(s, dict)]
+    return (manifest.get("max_length") == PREPARE_OPTIONS["max_length"]
+            and any(s.endswith("founding.jsonl") for s in sources))
 
 
 def _run_finished(storage: str, run: str) -> bool:
@@ -172,18 +197,44 @@ def _deploy(config: Path, dashboard_url: str, env: dict[str, str], wait_s: float
                        hint="`serve status` shows why")
 
 
-def _chat(url: str) -> None:
+def _reply(url: str, prompt: str, temperature: float) -> str:
     import httpx
 
+    body = {"model": "chatray", "messages": [{"role": "user", "content": prompt}], "temperature": temperature,
+            "max_tokens": 48, "seed": 0}
+    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    if r.status_code != 200:
+        raise ChatrayError(f"chat request failed: HTTP {r.status_code}: {r.text[:300]}")
+    return r.json()["choices"][0]["message"]["content"].strip()
+
+
+def _chat(url: str) -> None:
     for prompt, temp in PROMPTS:
-        body = {"model": "chatray", "messages": [{"role": "user", "content": prompt}], "temperature": temp,
-                "max_tokens": 48, "seed": 0}
-        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
-        if r.status_code != 200:
-            raise ChatrayError(f"chat request failed: HTTP {r.status_code}: {r.text[:300]}")
-        reply = r.json()["choices"][0]["message"]["content"]
         print(f"      user (temperature {temp}): {prompt}")
-        print(f"      chatray: {reply.strip()}")
+        print(f"      chatray: {_reply(url, prompt, temp)}")
+
+
+def _compare(run_uri: str, best: str, url: str, prompt: str) -> None:
+    """The untrained model (the run's step-0 eval and sample reply to ``prompt``: ``eval.at_start``) next to the
+    served fine-tuned one."""
+    import json
+
+    from chatray.train.metrics import read_metrics
+
+    recs = read_metrics(run_uri)
+    before = recs[0] if recs and recs[0].get("step") == 0 else None
+    after = json.loads((Path(best) / "metrics.json").read_text(encoding="utf-8"))
+    if before is None:
+        print("      the untrained model's eval was not recorded for this run "
+              "(.venv/bin/python -m chatray.demo --fresh retrains)")
+        return
+    ratio = before["perplexity"] / after["perplexity"]
+    print(f"      {'':14}{'untrained':>14}{'fine-tuned (step ' + str(after['step']) + ')':>26}")
+    print(f"      {'eval loss':14}{before['eval_loss']:>14.3f}{after['eval_loss']:>26.3f}")
+    print(f"      {'perplexity':14}{before['perplexity']:>14,.1f}{after['perplexity']:>26,.1f}   ({ratio:,.0f}x lower)")
+    print(f"      user (temperature 0): {prompt}")
+    print(f"        untrained:  {before.get('sample') or '(empty reply)'}")
+    print(f"        fine-tuned: {_reply(url, prompt, 0.0)}")
 
 
 def main() -> None:

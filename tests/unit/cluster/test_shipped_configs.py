@@ -190,7 +190,7 @@ def test_serve_config_serves_what_the_demo_job_writes_on_loopback():
 
 # What each job config runs: (run.name, data.path, model.name, train.max_steps, scaling.num_workers, use_gpu).
 JOBS = {
-    "finetune_tiny.yaml": ("tiny-demo", ".demo/data", "tiny", 200, 1, False),
+    "finetune_tiny.yaml": ("tiny-demo", ".demo/data", "tiny", 3000, 1, False),
     "finetune_gpt2.yaml": ("gpt2-chat", "s3://chatray/data/chat-gpt2", "gpt2", 2000, 2, True),
     "finetune_gpt2_medium.yaml": ("gpt2-medium-chat", "s3://chatray/data/chat-gpt2", "gpt2-medium", 3000, 4, True),
 }
@@ -208,6 +208,19 @@ def test_job_config_loads_with_the_training_config_loader(path: Path):
         # A multi-GPU job runs on a cluster: its data and checkpoints must be on storage every node reaches.
         assert "://" in cfg.run.storage_path and "://" in cfg.data.path, \
             f"{_rel(path)}: a GPU job config should use shared storage (s3://) for data.path and run.storage_path"
+
+
+def test_demo_job_names_the_data_the_demo_prepares_and_compares_before_after():
+    from chatray.demo import JOB_CONFIG, PREPARE_OPTIONS
+
+    text = JOB_CONFIG.read_text(encoding="utf-8")
+    wanted = (f"chatray data prepare --demo --out .demo/data --tokenizer {PREPARE_OPTIONS['tokenizer']} "
+              f"--max-length {PREPARE_OPTIONS['max_length']}")
+    assert wanted in text, "the YAML's set-up comment and the demo prepare the same data"
+    cfg = load_config(FinetuneConfig, JOB_CONFIG)
+    # the demo's before/after: the untrained model is evaluated, and :best is the last step's checkpoint
+    assert cfg.eval.at_start and cfg.eval.sample_prompt == "你喜欢什么运动?"
+    assert cfg.checkpoint.every == cfg.train.max_steps and cfg.data.packing == "pad"
 
 
 def test_job_entrypoint_script_exists_and_takes_config_and_set(capsys):
