@@ -198,7 +198,8 @@ def test_rerun_with_same_name_resumes(two_workers, tiny_dataset, tmp_path):
     summary = run_training(_cfg(tiny_dataset, storage, "two", f"train.max_steps={STEPS + 8}", "checkpoint.every=8",
                                 "data.cache=false"), progress=False)
     assert summary["step"] == STEPS + 8
-    recs = read_metrics(run)
+    untrained, *recs = read_metrics(run)
+    assert untrained["step"] == 0, "the untrained model's eval (eval.at_start) stays first when the run resumes"
     assert [r["step"] for r in recs] == list(range(1, STEPS + 9)), "the log continues, no repeat"
     assert recs[STEPS]["tokens_seen"] > recs[STEPS - 1]["tokens_seen"]
     local = download_dir(resolve_checkpoint(f"{run}:latest"), tmp_path / "latest")
