@@ -30,9 +30,11 @@ __all__ = [
 def read_state() -> dict[str, dict[str, Any]]:
     """{temp dir: record} of the clusters chatray started; {} when there is no (readable) state file."""
     try:
-        return json.loads(state_file().read_text(encoding="utf-8"))["clusters"]
+        data = json.loads(state_file().read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    clusters = data.get("clusters") if isinstance(data, dict) else None
+    return clusters if isinstance(clusters, dict) else {}  # a file not written by chatray records nothing
 
 
 def _write_state(clusters: dict[str, dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ from chatray.localcluster import (
 )
 from chatray.localcluster.processes import psutil_module
 from chatray.localcluster.settings import state_file
-from chatray.localcluster.state import record_cluster
+from chatray.localcluster.state import read_state, record_cluster
 
 SLEEP = "import time; time.sleep(300)"
 
@@ -183,6 +183,16 @@ def test_down_reads_the_recorded_addresses_of_the_configured_temp_dir(tmp_path, 
     stop_local_cluster(grace_s=3.0)  # `chatray down`
 
     assert not _running(p.pid) and not state_file().exists()
+
+
+@pytest.mark.parametrize("text", ["{}", "null", "[]", '{"clusters": []}', '{"address": "127.0.0.1:6379"}', "{bad"])
+def test_a_state_file_chatray_did_not_write_records_no_cluster(home, text):
+    state_file().parent.mkdir(parents=True, exist_ok=True)
+    state_file().write_text(text, encoding="utf-8")
+    assert read_state() == {}
+    cluster = LocalCluster(temp_dir=str(home / "ray"))
+    record_cluster(cluster)  # and the next record replaces it
+    assert list(read_state()) == [str(cluster.ray_temp_dir)]
 
 
 def test_settings_from_the_environment():
