@@ -67,7 +67,7 @@ def _checked_config(p: Path) -> tuple[dict[str, Any], dict[int, ServeArgs]]:
 def _pick_app(data: dict[str, Any], name: str | None) -> int:
     """Index of the application to run: the one named ``name``, else the first chatray one."""
     apps = [(i, a) for i, a in enumerate(data.get("applications") or [])
-            if str(a.get("import_path", "")).startswith(_CHATRAY_APP)]
+            if str(a.get("import_path", "")).startswith("chatray.")]  # any chatray app, in either path form
     if name:
         apps = [(i, a) for i, a in apps if a.get("name") == name]
     if not apps:
