@@ -237,9 +237,11 @@ def _start_ray(opts: _Options, timing: _Timing) -> tuple[bool, int]:
 
     from chatray.rayenv import connect
 
-    # chatray prints one progress line per finished shard; Ray Data's own bars and INFO lines would interleave.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if not ray.is_initialized():
+        # chatray prints one progress line per finished shard; Ray Data's own bars and INFO lines would interleave.
+        # A Ray that is already running (a notebook's, a test's) keeps its own settings.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     t_ray = time.perf_counter()
     started = connect(include_dashboard=False, log_to_driver=False, quiet=True)
     timing.ray_start = time.perf_counter() - t_ray
