@@ -143,7 +143,9 @@ def _dataset_current(data: Path) -> bool:
     except (OSError, ValueError):
         return False
     sources = [str(s.get("path", "")) for s in manifest.get("sources", []) if isinstance(s, dict)]
+    tokenizer = manifest.get("tokenizer")
     return (manifest.get("max_length") == PREPARE_OPTIONS["max_length"]
+            and isinstance(tokenizer, dict) and tokenizer.get("source") == PREPARE_OPTIONS["tokenizer"]
             and any(s.endswith("founding.jsonl") for s in sources))
 
 
@@ -224,7 +226,7 @@ def _compare(run_uri: str, best: str, url: str, prompt: str) -> None:
     recs = read_metrics(run_uri)
     before = recs[0] if recs and recs[0].get("step") == 0 else None
     after = json.loads((Path(best) / "metrics.json").read_text(encoding="utf-8"))
-    if before is None:
+    if before is None or not before.get("perplexity") or not after.get("perplexity"):
         print("      the untrained model's eval was not recorded for this run "
               "(.venv/bin/python -m chatray.demo --fresh retrains)")
         return
