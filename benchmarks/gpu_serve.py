@@ -1,7 +1,7 @@
 """GPU batching benchmark: tokens/s at batch 32 vs batch 1 through chatray's own generation engine.
 
 Runs where there is PyTorch and transformers but no Ray (a lent GPU machine): it drives
-``chatray.serve.engine.AsyncEngine`` -- the exact continuous-batching code a Serve ``Generator`` replica runs
+``chatray.serve.async_engine.AsyncEngine`` -- the exact continuous-batching code a Serve ``Generator`` replica runs
 -- on a GPT-2 124M-config model with random weights (nothing is downloaded).
 
     python benchmarks/gpu_serve.py              # on a CUDA machine (target: ratio >= 10x; < 3 min on an H100)
