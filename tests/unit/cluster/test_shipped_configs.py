@@ -190,7 +190,7 @@ def test_serve_config_serves_what_the_demo_job_writes_on_loopback():
 
 # What each job config runs: (run.name, data.path, model.name, train.max_steps, scaling.num_workers, use_gpu).
 JOBS = {
-    "finetune_tiny.yaml": ("tiny-demo", ".demo/data", "tiny", 2000, 1, False),
+    "finetune_tiny.yaml": ("tiny-demo", ".demo/data", "tiny", 1900, 1, False),
     "finetune_gpt2.yaml": ("gpt2-chat", "s3://chatray/data/chat-gpt2", "gpt2", 2000, 2, True),
     "finetune_gpt2_medium.yaml": ("gpt2-medium-chat", "s3://chatray/data/chat-gpt2", "gpt2-medium", 3000, 4, True),
 }
