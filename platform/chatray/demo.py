@@ -30,8 +30,9 @@ SERVE_CONFIG = REPO / "serve_config.yaml"
 # How the demo prepares its data (``chatray data prepare --demo`` options); the demo test prepares it the same way.
 # Rows of at most 64 tokens keep padded batches short: the tiny model sees its corpus more often in its budget.
 PREPARE_OPTIONS = {"tokenizer": "train:4000", "max_length": 64}
-# (prompt, temperature): at 0 a prompt from the training data gets that data's answer.
-PROMPTS = [("你喜欢什么运动?", 0.0), ("What is AI?", 0.0), ("你喜欢什么运动?", 0.7), ("Hello, how are you?", 0.7)]
+# (prompt, temperature), all from the training data: at 0 a prompt gets that data's answer; at 0.7 the founding
+# conversation's own questions (the tiny model knows its corpus, not open chat: docs/training.md).
+PROMPTS = [("你喜欢什么运动?", 0.0), ("What is AI?", 0.0), ("你好,我是小明。", 0.7), ("你喜欢什么运动?", 0.7)]
 
 
 def _step(n: int, total: int, msg: str) -> float:
