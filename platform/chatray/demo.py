@@ -137,11 +137,11 @@ def run_demo(fresh: bool = False, chat: bool = True) -> None:
 
 def _dataset_current(data: Path) -> bool:
     """Whether ``data`` was prepared as this demo prepares it (a dataset from other settings is redone)."""
-    import json
+    from chatray.data.dataset import read_manifest
 
     try:
-        manifest = json.loads((data / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = read_manifest(str(data))
+    except ChatrayError:  # missing, incomplete or unreadable: prepared again
         return False
     sources = [str(s.get("path", "")) for s in manifest.get("sources", []) if isinstance(s, dict)]
     tokenizer = manifest.get("tokenizer")

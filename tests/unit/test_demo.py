@@ -26,8 +26,8 @@ def _manifest(folder, *, tokenizer: str, max_length: int, founding: bool) -> Non
     sources = [{"path": "/x/chatterbot_corpus/data/english"}] + ([{"path": "/x/chatray/data/founding.jsonl"}]
                                                                   if founding else [])
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "manifest.json").write_text(json.dumps({"max_length": max_length, "sources": sources,
-                                                      "tokenizer": {"source": tokenizer}}))
+    (folder / "manifest.json").write_text(json.dumps({"format_version": 1, "max_length": max_length, "splits": {},
+                                                      "sources": sources, "tokenizer": {"source": tokenizer}}))
 
 
 def test_a_dataset_from_other_settings_is_prepared_again(tmp_path):
