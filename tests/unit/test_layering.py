@@ -21,9 +21,10 @@ LAYERS = {
     "model": 1, "storage": 1, "rayenv": 1,
     "config": 0, "errors": 0,
 }
-# Edges between parts of the same layer that the design allows: training reads the dataset format, and a
-# model is loaded from a checkpoint URI; config errors are ChatrayErrors. Entry points (layer 3) may call each other.
-ALLOWED_SIDEWAYS = {("train", "data"), ("model", "storage"), ("config", "errors")}
+# Edges between parts of the same layer that the design allows: training reads the dataset format, serving
+# formats chats with the chat template the data was prepared with (for models that bring none), and a model is
+# loaded from a checkpoint URI; config errors are ChatrayErrors. Entry points (layer 3) may call each other.
+ALLOWED_SIDEWAYS = {("train", "data"), ("serve", "data"), ("model", "storage"), ("config", "errors")}
 
 
 def _part(module: str) -> str | None:

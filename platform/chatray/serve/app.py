@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -31,7 +30,8 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     checkpoint: str = Field(DEFAULT_CHECKPOINT,
-                            description="checkpoint folder, s3:// URI, or <storage>/<run>:latest|:best")
+                            description="checkpoint folder, s3:// URI, <storage>/<run>:latest|:best, a plain "
+                            "Hugging Face model folder, or a hub id from the local HF cache; resolved once per deploy")
     model_name: str | None = Field(None, description="model id reported by /v1/models (default: the run name)")
     cache_dir: str | None = Field(None, description="where replicas copy remote checkpoints (default: the resolver's)")
     api_key_env: str | None = Field("CHATRAY_API_KEY", description="env var holding the API key; unset/empty = no auth")
@@ -71,10 +71,20 @@ class ServeArgs(BaseModel):
                                 top_k=self.top_k, repetition_penalty=self.repetition_penalty)
 
     def generator_settings(self) -> GeneratorSettings:
-        """What each ``Generator`` replica gets; a relative checkpoint path is made absolute here."""
-        checkpoint = _absolute_checkpoint(self.checkpoint)
+        """What each ``Generator`` replica gets: the checkpoint is resolved here, once per deploy.
+
+        A relative path is taken relative to where the app is built; ``<run>:best`` becomes one checkpoint
+        folder and a hub id one cached revision, so every replica (also ones added or restarted later) loads
+        the same weights.
+
+        Raises:
+            ChatrayError: nothing servable at ``checkpoint``.
+        """
+        from chatray.serve.source import resolve_served_model
+
+        model = resolve_served_model(self.checkpoint)
         return GeneratorSettings(
-            checkpoint=checkpoint, model_name=self.model_name or model_name_from_checkpoint(checkpoint),
+            model=model, model_name=self.model_name or model_name_from_checkpoint(model.requested),
             cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, max_batch_size=self.max_batch_size,
             batch_wait_timeout_s=self.batch_wait_timeout_s, step_delay_s=self.step_delay_s,
             sampling=self.sampling_defaults())
@@ -84,13 +94,6 @@ class ServeArgs(BaseModel):
         api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
         return IngressSettings(api_key=api_key or None, max_body_bytes=self.max_body_bytes,
                                request_timeout_s=self.request_timeout_s, retry_after_s=self.retry_after_s)
-
-
-def _absolute_checkpoint(uri: str) -> str:
-    """Make a relative local path absolute here, where the app is built: replicas run in other directories."""
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    return str(Path(os.path.expanduser(uri)).absolute())
 
 
 def model_name_from_checkpoint(uri: str) -> str:
@@ -143,10 +146,13 @@ def build_app(args: dict[str, Any] | ServeArgs) -> Any:
     return build_app_with_options(args)
 
 
-def build_app_with_options(args: dict[str, Any] | ServeArgs,
-                           deployments: dict[str, dict[str, Any]] | None = None) -> Any:
+def build_app_with_options(args: dict[str, Any] | ServeArgs, deployments: dict[str, dict[str, Any]] | None = None,
+                           *, generator: GeneratorSettings | None = None) -> Any:
     """Like :func:`build_app`, also applying per-deployment options (``{"Generator": {...}}``) the way
-    serve_config.yaml's ``deployments:`` section does (used by ``chatray serve`` and the tests)."""
+    serve_config.yaml's ``deployments:`` section does (used by ``chatray serve`` and the tests).
+
+    ``generator`` is ``args``' :meth:`ServeArgs.generator_settings` when the caller already resolved them
+    (the checkpoint is resolved once per build)."""
     from chatray.serve.generator import Generator
     from chatray.serve.ingress import Ingress
 
@@ -156,5 +162,5 @@ def build_app_with_options(args: dict[str, Any] | ServeArgs,
     if unknown:
         raise ChatrayError(f"unknown deployment name(s) {', '.join(sorted(unknown))}: "
                            "chatray's deployments are Ingress and Generator")
-    generator = Generator.options(**opts.get("Generator", {})).bind(a.generator_settings())
-    return Ingress.options(**opts.get("Ingress", {})).bind(generator, a.ingress_settings())
+    handle = Generator.options(**opts.get("Generator", {})).bind(generator or a.generator_settings())
+    return Ingress.options(**opts.get("Ingress", {})).bind(handle, a.ingress_settings())

@@ -1,7 +1,8 @@
 """The ``Generator`` deployment: one model replica with a continuous-batching engine.
 
-Each replica resolves the checkpoint URI, copies it to a local cache (once per node), loads the safetensors
-weights with :func:`chatray.model.load_model` (on the GPU when the replica has one) and runs
+Each replica fetches the checkpoint that the app pinned when it was built (:mod:`chatray.serve.source`),
+copying a remote one to a local cache (once per node), loads the safetensors weights with
+:func:`chatray.model.load_model` (on the GPU when the replica has one) and runs
 :class:`~chatray.serve.async_engine.AsyncEngine`. Concurrent requests routed to a replica share its decode
 steps, each with its own sampling settings. Its settings arrive typed and validated (built from ``ServeArgs``
 by ``build_app``).
@@ -45,28 +46,39 @@ class Generator:
     def __init__(self, settings: GeneratorSettings) -> None:
         import torch
 
+        from chatray.data.tokenizer import CHAT_TEMPLATE
         from chatray.model import load_model, load_model_tokenizer
         from chatray.serve.async_engine import AsyncEngine
         from chatray.serve.engine import EngineError, GenerationEngine
         from chatray.serve.prompting import build_prompt
-        from chatray.storage.checkpoints import materialize_checkpoint, resolve_checkpoint
+        from chatray.serve.source import fetch_served_model
 
         s, t0 = settings, time.perf_counter()
-        resolved = resolve_checkpoint(s.checkpoint)  # `<run>:best` -> the concrete checkpoint folder
-        local = materialize_checkpoint(resolved, cache_dir=s.cache_dir)
+        # Pinned when the app was built: never re-resolve `:best` here, or replicas would serve mixed weights.
+        local = fetch_served_model(s.model, cache_dir=s.cache_dir)
         model = load_model(local, device=s.device, dtype=s.dtype)
         tokenizer = load_model_tokenizer(local)
+        template = "tokenizer"
+        if not getattr(tokenizer, "chat_template", None):
+            # A model trained elsewhere (e.g. the pretrained GPT-2) has none: chatray's is plain text plus EOS,
+            # which any GPT-2 tokenizer encodes, and is what a chatray fine-tune of that model learns.
+            tokenizer.chat_template, template = CHAT_TEMPLATE, "chatray-default"
+            logger.warning("the tokenizer of %s has no chat template: /v1/chat/completions uses chatray's",
+                           s.model.pinned)
         self._engine = AsyncEngine(GenerationEngine(model, tokenizer, max_batch_size=s.max_batch_size),
                                    batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s)
         self._tokenizer = tokenizer
         self._defaults = s.sampling
         self._build_prompt, self._engine_error = build_prompt, EngineError
+        m = s.model
         self._info = {
-            "id": s.model_name, "checkpoint": s.checkpoint, "resolved_checkpoint": resolved,
+            "id": s.model_name, "checkpoint": m.requested, "resolved_checkpoint": m.pinned, "kind": m.kind,
+            "run": m.run, "step": m.step, "eval_loss": m.eval_loss, "chat_template": template,
             "local_path": str(local),
             "context_length": self._engine.engine.context_length, "device": str(self._engine.engine.device),
             "dtype": str(model.dtype).removeprefix("torch."), "max_batch_size": s.max_batch_size,
             "loaded_at": int(time.time()), "torch_threads": torch.get_num_threads(),
+            "replica": serve.get_replica_context().replica_tag,
         }
         logger.info("chatray generator ready: %s from %s on %s in %.1fs", s.model_name, local,
                     self._info["device"], time.perf_counter() - t0)

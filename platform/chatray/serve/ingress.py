@@ -163,7 +163,7 @@ class Ingress:
 
     @app.get("/v1/models")
     async def models(self, request: Request) -> Response:
-        """The served model and the checkpoint it came from."""
+        """The served model and the one checkpoint (run, step, eval loss) that every replica loads."""
         self._authorize(request)
         try:
             info = await asyncio.wait_for(self._generator.model_info.remote(), self._s.request_timeout_s)
@@ -179,6 +179,8 @@ class Ingress:
             "root": info.get("resolved_checkpoint", info["checkpoint"]), "checkpoint": info["checkpoint"],
             "resolved_checkpoint": info.get("resolved_checkpoint", info["checkpoint"]),
             "context_length": info["context_length"],
+            # Pinned when the app was built: every replica serves this one (chatray.serve.source).
+            **{k: info.get(k) for k in ("kind", "run", "step", "eval_loss", "chat_template")},
         }]})
 
     # ------------------------------------------------------------------ generation

@@ -131,9 +131,6 @@ def serve_foreground(config: str | Path | None = None, *, checkpoint: str | None
     app = data["applications"][index]
     overrides = {**(args or {}), **({"checkpoint": checkpoint} if checkpoint else {})}
     parsed = _with_overrides(file_args[index], overrides)
-    from chatray.storage.checkpoints import resolve_checkpoint
-
-    resolve_checkpoint(parsed.checkpoint)  # fail here, with a clear message, rather than inside a replica
     http = dict(data.get("http_options") or {})
     http["host"] = host or http.get("host") or "127.0.0.1"
     http["port"] = int(port or http.get("port") or DEFAULT_PORT)
@@ -147,6 +144,9 @@ def serve_foreground(config: str | Path | None = None, *, checkpoint: str | None
     from chatray.rayenv import connect
     from chatray.serve.app import build_app_with_options
 
+    # Built before Ray starts: the checkpoint is resolved (and pinned) here, so a bad one fails fast and clearly.
+    generator = parsed.generator_settings()
+    application = build_app_with_options(parsed, deployments, generator=generator)
     started_ray = connect(address, env_vars={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
                           include_dashboard=False)
     if block:
@@ -158,12 +158,12 @@ def serve_foreground(config: str | Path | None = None, *, checkpoint: str | None
     done = False
     try:
         serve.start(http_options=http, proxy_location=data.get("proxy_location", "HeadOnly"))
-        serve.run(build_app_with_options(parsed, deployments), name=app.get("name", "chatray"),
+        serve.run(application, name=app.get("name", "chatray"),
                   route_prefix=app.get("route_prefix", "/"))
         if not block:
             done = True
             return url
-        print(f"chatray: serving {parsed.checkpoint} at {url}  (OpenAI API at {url}/v1; Ctrl-C stops)", flush=True)
+        print(f"chatray: serving {generator.model.pinned} at {url}  (OpenAI API at {url}/v1; Ctrl-C stops)", flush=True)
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

@@ -11,8 +11,9 @@ Imports nothing heavy (no torch, no Ray): the app builder, the ingress and the r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-__all__ = ["GeneratorSettings", "IngressSettings", "SamplingDefaults"]
+__all__ = ["GeneratorSettings", "IngressSettings", "SamplingDefaults", "ServedModel"]
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,43 @@ class SamplingDefaults:
 
 
 @dataclass(frozen=True)
+class ServedModel:
+    """The one model a deployment serves, resolved once where the app is built.
+
+    Every replica, including one that autoscaling adds or Serve restarts later, loads exactly this: a run's
+    ``:best`` is pinned to one checkpoint folder and a hub id to one cached revision.
+
+    Attributes:
+        requested: the checkpoint as given (``<storage>/<run>:best``, a folder, ``s3://...``, ``gpt2``).
+        kind: ``checkpoint`` (written by ``chatray train``: integrity-checked), ``folder`` (a plain Hugging Face
+            model folder) or ``hub`` (a hub id, from the local Hugging Face cache).
+        location: the checkpoint or folder URI, or the hub repo id.
+        revision: the hub commit (``hub`` only).
+        run: the training run's name (``checkpoint`` only).
+        step: the checkpoint's training step (``checkpoint`` only).
+        eval_loss: the checkpoint's eval loss, when it was evaluated.
+    """
+
+    requested: str
+    kind: Literal["checkpoint", "folder", "hub"]
+    location: str
+    revision: str | None = None
+    run: str | None = None
+    step: int | None = None
+    eval_loss: float | None = None
+
+    @property
+    def pinned(self) -> str:
+        """``location``, with ``@revision`` for a hub model: what exactly is served."""
+        return f"{self.location}@{self.revision}" if self.revision else self.location
+
+
+@dataclass(frozen=True)
 class GeneratorSettings:
     """What one ``Generator`` replica needs.
 
     Attributes:
-        checkpoint: the checkpoint URI the app was built with (relative paths already made absolute).
+        model: what every replica loads (resolved once, when the app was built).
         model_name: the id ``/v1/models`` reports.
         cache_dir: where the replica copies a remote checkpoint (None: the resolver's default).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -42,7 +75,7 @@ class GeneratorSettings:
         sampling: defaults for fields a request leaves out.
     """
 
-    checkpoint: str
+    model: ServedModel
     model_name: str
     cache_dir: str | None
     device: str

@@ -7,8 +7,10 @@ Layout (Ray Train's, under ``storage_path``)::
     <storage>/<run>/metrics.jsonl        one JSON object per logged step
 
 A checkpoint URI is a checkpoint folder (local, NFS or ``s3://``), a run folder (= its latest checkpoint),
-or ``<storage>/<run>:latest`` / ``<storage>/<run>:best`` (lowest ``eval_loss`` in ``metrics.json``).
-Incomplete or corrupted checkpoints (a crash during upload, a truncated file) are skipped with a warning;
+or ``<storage>/<run>:latest`` / ``<storage>/<run>:best`` (lowest ``eval_loss`` in ``metrics.json``). A plain
+Hugging Face model folder (``config.json`` and weights, no ``metrics.json``: a ``save_pretrained`` output) names
+itself; it has no integrity record, so only loading it checks it. Incomplete or corrupted checkpoints (a
+crash during upload, a truncated file) are skipped with a warning;
 the previous good one is used. Nothing here ever writes to or deletes a checkpoint.
 """
 
@@ -38,6 +40,8 @@ __all__ = [
     "best_checkpoint",
     "check_checkpoint",
     "checkpoint_dir_name",
+    "describe_checkpoint",
+    "is_plain_model_folder",
     "latest_checkpoint",
     "list_checkpoints",
     "materialize_checkpoint",
@@ -153,6 +157,19 @@ def _inspect(uri: str, *, require_train_state: bool = False) -> CheckpointInfo:
     return info
 
 
+def describe_checkpoint(uri: str) -> CheckpointInfo:
+    """A checkpoint folder's step and metrics (from ``metrics.json``) and what is wrong with it, if anything."""
+    return _inspect(uri)
+
+
+def is_plain_model_folder(uri: str) -> bool:
+    """Whether ``uri`` is a Hugging Face model folder that chatray did not write (``config.json``, no
+    ``metrics.json``, not named ``checkpoint_*``): served as it is, without chatray's integrity record."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return (not name.startswith(CHECKPOINT_PREFIX) and _has_file(uri, "config.json")
+            and not _has_file(uri, METRICS_FILE))
+
+
 def check_checkpoint(uri: str, *, require_train_state: bool = False) -> str | None:
     """What is wrong with the checkpoint folder at ``uri`` (None when it is complete and intact)."""
     return _inspect(uri, require_train_state=require_train_state).problem
@@ -220,8 +237,8 @@ def resolve_checkpoint(uri: str) -> str:
     """The concrete checkpoint folder URI that ``uri`` names.
 
     Args:
-        uri: a checkpoint folder, a run folder (its latest checkpoint), or ``<run>:latest`` / ``<run>:best``;
-            local, NFS or ``s3://``.
+        uri: a checkpoint folder, a plain Hugging Face model folder, a run folder (its latest checkpoint), or
+            ``<run>:latest`` / ``<run>:best``; local, NFS or ``s3://``.
 
     Returns:
         The checkpoint folder's URI (local paths made absolute).
@@ -234,6 +251,8 @@ def resolve_checkpoint(uri: str) -> str:
         base = str(Path(base.removeprefix("file://")).expanduser().resolve())
     if selector is None:
         name = base.rstrip("/").rsplit("/", 1)[-1]
+        if is_plain_model_folder(base):
+            return base
         if name.startswith(CHECKPOINT_PREFIX) or _has_file(base, MODEL_FILE):
             info = _inspect(base)
             if info.problem:

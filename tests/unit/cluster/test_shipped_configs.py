@@ -144,7 +144,7 @@ def _serve_configs() -> list[tuple[str, dict[str, Any]]]:
 
 
 @pytest.mark.parametrize(("name", "config"), _serve_configs(), ids=[n for n, _ in _serve_configs()])
-def test_serve_config_is_valid_and_its_import_paths_resolve(name: str, config: dict[str, Any]):
+def test_serve_config_is_valid_and_its_import_paths_resolve(name: str, config: dict[str, Any], tmp_path: Path):
     from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 
     ServeDeploySchema.model_validate(config)
@@ -170,8 +170,13 @@ def test_serve_config_is_valid_and_its_import_paths_resolve(name: str, config: d
         assert options["Generator"]["autoscaling_config"]["min_replicas"] == 1
         assert options["Generator"]["autoscaling_config"]["max_replicas"] == 2
         assert (args.api_key_env, args.max_batch_size, args.max_body_bytes) == ("CHATRAY_API_KEY", 16, 1048576)
-        # The deployment options are ones the deployments accept, and the app builds with them.
-        application = module.build_app_with_options(args, options)
+        # The deployment options are ones the deployments accept, and the app builds with them (building
+        # resolves the checkpoint, so it gets one that exists here).
+        from support.checkpoints import make_checkpoint
+
+        ckpt = make_checkpoint(tmp_path / "run" / "checkpoint_00000001")
+        application = module.build_app_with_options(args.model_copy(update={"checkpoint": f"{ckpt.parent}:best"}),
+                                                    options)
         assert type(application).__name__ == "Application"
 
 

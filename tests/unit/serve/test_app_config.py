@@ -9,13 +9,13 @@ import yaml
 
 from chatray.errors import ChatrayError
 from chatray.serve.app import ServeArgs, build_app, model_name_from_checkpoint, parse_args
-from chatray.serve.settings import GeneratorSettings, IngressSettings, SamplingDefaults
+from chatray.serve.settings import GeneratorSettings, IngressSettings, SamplingDefaults, ServedModel
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "serve_config.yaml"
 
 
-def test_serve_config_is_valid_and_documented():
+def test_serve_config_is_valid_and_documented(tiny_checkpoint):
     from ray.serve.schema import ServeDeploySchema
 
     from chatray.serve.launch import _deployment_options, load_serve_config
@@ -45,13 +45,18 @@ def test_serve_config_is_valid_and_documented():
     assert args.request_timeout_s < schema.http_options.request_timeout_s
     # every option is one that Deployment.options accepts
     app_obj = __import__("chatray.serve.app", fromlist=["build_app_with_options"]).build_app_with_options(
-        {"checkpoint": "/tmp/x"}, opts)
+        {"checkpoint": str(tiny_checkpoint)}, opts)
     assert type(app_obj).__name__ == "Application"
 
 
-def test_build_app_returns_an_application_without_ray_running():
-    app = build_app({"checkpoint": "/some/run:best", "temperature": 0.2})
+def test_build_app_returns_an_application_without_ray_running(tiny_checkpoint):
+    app = build_app({"checkpoint": str(tiny_checkpoint), "temperature": 0.2})
     assert type(app).__name__ == "Application"
+
+
+def test_build_app_names_a_checkpoint_that_is_not_there(tmp_path):
+    with pytest.raises(ChatrayError, match=r"checkpoint not found: .*/nowhere:best"):
+        build_app({"checkpoint": str(tmp_path / "nowhere") + ":best"})
 
 
 @pytest.mark.parametrize(("args", "words"), [
@@ -95,13 +100,19 @@ def test_model_names():
 
 def test_each_deployment_gets_typed_settings_built_from_the_args(tmp_path, monkeypatch):
     """What serve_config.yaml's args give each part of the app (the values `chatray serve` users get)."""
-    monkeypatch.chdir(tmp_path)  # a relative checkpoint is made absolute where the app is built
+    from support.checkpoints import make_checkpoint
+
+    monkeypatch.chdir(tmp_path)  # a relative checkpoint is resolved where the app is built
+    make_checkpoint(tmp_path / ".demo/checkpoints/tiny-demo/checkpoint_00000001")
     monkeypatch.setenv("CHATRAY_API_KEY", "secret")
     args = ServeArgs.model_validate(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
     sampling = SamplingDefaults(max_tokens=128, temperature=0.7, top_p=0.95, top_k=0, repetition_penalty=1.1)
     assert args.sampling_defaults() == sampling
+    pinned = ServedModel(requested=".demo/checkpoints/tiny-demo:best", kind="checkpoint",
+                         location=str(tmp_path / ".demo/checkpoints/tiny-demo/checkpoint_00000001"),
+                         run="tiny-demo", step=1, eval_loss=5.0)
     assert args.generator_settings() == GeneratorSettings(
-        checkpoint=str(tmp_path / ".demo/checkpoints/tiny-demo:best"), model_name="tiny-demo", cache_dir=None,
+        model=pinned, model_name="tiny-demo", cache_dir=None,
         device="auto", dtype="auto", max_batch_size=16, batch_wait_timeout_s=0.0, step_delay_s=0.0,
         sampling=sampling)
     assert args.ingress_settings() == IngressSettings(api_key="secret", max_body_bytes=1 << 20,
@@ -110,10 +121,12 @@ def test_each_deployment_gets_typed_settings_built_from_the_args(tmp_path, monke
     assert args.ingress_settings().api_key is None  # empty = no auth
 
 
-def test_args_left_out_get_the_serve_args_defaults():
-    args = parse_args({"checkpoint": "s3://bucket/runs/chat/checkpoint_000002", "api_key_env": None})
+def test_args_left_out_get_the_serve_args_defaults(tiny_checkpoint):
+    args = parse_args({"checkpoint": str(tiny_checkpoint), "api_key_env": None})
     assert args.generator_settings() == GeneratorSettings(
-        checkpoint="s3://bucket/runs/chat/checkpoint_000002", model_name="chat", cache_dir=None, device="auto",
+        model=ServedModel(requested=str(tiny_checkpoint), kind="checkpoint", location=str(tiny_checkpoint),
+                          run=tiny_checkpoint.parent.name, step=1, eval_loss=5.0),
+        model_name=tiny_checkpoint.name, cache_dir=None, device="auto",
         dtype="auto", max_batch_size=16, batch_wait_timeout_s=0.0, step_delay_s=0.0,
         sampling=SamplingDefaults(max_tokens=256, temperature=0.7, top_p=1.0, top_k=0, repetition_penalty=1.0))
     assert args.ingress_settings() == IngressSettings(api_key=None, max_body_bytes=1 << 20, request_timeout_s=100.0,
