@@ -143,3 +143,39 @@ def test_a_plain_folder_and_a_hub_id_are_served_with_chatrays_chat_template(serv
 
     serve.delete("plain")
     serve.delete("hub")
+
+
+def test_scale_to_zero_then_serve_again(serve_url, tmp_path):
+    """``min_replicas: 0``: idle, the Generator goes away; the next request starts one and is answered. A client
+    whose request timeout is shorter than that start gets 503 + Retry-After, and its retry is answered."""
+    ckpt = make_tiny_checkpoint(tmp_path / "run-z" / "checkpoint_00000001")
+    body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    autoscaling = {"min_replicas": 0, "initial_replicas": 0, "max_replicas": 1, "target_ongoing_requests": 1,
+                   "upscale_delay_s": 0, "downscale_delay_s": 2, "downscale_to_zero_delay_s": 2,
+                   "look_back_period_s": 1, "metrics_interval_s": 0.5}
+    prefix = _deploy("zero", {"checkpoint": str(ckpt)}, {"autoscaling_config": autoscaling})
+    url = f"{serve_url}{prefix}/v1/chat/completions"
+    assert _running("zero") == 0
+    with httpx.Client(timeout=120) as http:
+        t0 = time.monotonic()
+        first = http.post(url, json=body)
+        cold = time.monotonic() - t0
+        assert first.status_code == 200, first.text
+        print(f"cold start from zero replicas: {cold:.1f}s to the first reply")
+        wait_for(lambda: _running("zero") == 0, timeout=60, what="scale down to zero after idle")
+        t0 = time.monotonic()
+        assert http.post(url, json=body).status_code == 200
+        print(f"second cold start: {time.monotonic() - t0:.1f}s")
+
+        # The same app with a request timeout shorter than a replica's start.
+        prefix = _deploy("zero", {"checkpoint": str(ckpt), "request_timeout_s": 0.5, "retry_after_s": 2},
+                         {"autoscaling_config": autoscaling})
+        wait_for(lambda: _running("zero") == 0, timeout=60, what="zero replicas")
+        r = http.post(url, json=body)
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "2" and r.json()["error"]["code"] == "no_replica"
+        wait_for(lambda: http.post(url, json=body).status_code == 200, timeout=60, interval=2,
+                 what="the retry to be answered once the replica is up")
+    from ray import serve
+
+    serve.delete("zero")

@@ -84,6 +84,16 @@ async def _unexpected(_: Request, e: Exception) -> JSONResponse:  # a bug, never
     return JSONResponse(error_body(f"internal error: {type(e).__name__}", "internal_error"), status_code=500)
 
 
+async def _running_generators() -> int | None:
+    """RUNNING replicas of this app's ``Generator`` (from Serve's controller), or None when unknown."""
+    try:
+        app_name = serve.get_replica_context().app_name
+        status = await asyncio.wait_for(asyncio.to_thread(serve.status), _READINESS_TIMEOUT_S)
+        return int(status.applications[app_name].deployments["Generator"].replica_states.get("RUNNING", 0))
+    except Exception:  # noqa: BLE001 - only decides between two error answers
+        return None
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -144,6 +154,15 @@ class Ingress:
     def _timeout(self) -> APIError:
         return APIError(408, f"request timed out after {self._s.request_timeout_s:g}s", code="timeout")
 
+    async def _timed_out_waiting(self) -> APIError:
+        """No answer before the deadline: 408, or 503 + Retry-After while no Generator replica is running (a
+        scale-from-zero start still under way, or replicas that cannot start), so clients come back later."""
+        if await _running_generators() != 0:
+            return self._timeout()
+        retry = max(1, math.ceil(self._s.retry_after_s))
+        return APIError(503, f"no model replica is running yet (starting from zero replicas takes a while); "
+                        f"retry in {retry}s", code="no_replica", headers={"Retry-After": str(retry)})
+
     # ------------------------------------------------------------------ health and models
     @app.get("/healthz")
     async def healthz(self) -> Response:
@@ -172,7 +191,7 @@ class Ingress:
         except _UNAVAILABLE as e:
             raise self._unavailable(e) from None
         except asyncio.TimeoutError:
-            raise self._timeout() from None
+            raise await self._timed_out_waiting() from None
         self._model_info = info
         return JSONResponse({"object": "list", "data": [{
             "id": info["id"], "object": "model", "created": info["loaded_at"], "owned_by": "chatray",
@@ -208,7 +227,7 @@ class Ingress:
             result = await asyncio.wait_for(response, self._s.request_timeout_s)
         except asyncio.TimeoutError:
             response.cancel()
-            raise self._timeout() from None
+            raise await self._timed_out_waiting() from None
         except BackPressureError as e:
             raise self._overloaded(e) from None
         except _UNAVAILABLE as e:  # a replica died mid-request
@@ -231,7 +250,7 @@ class Ingress:
             first = await asyncio.wait_for(events.__anext__(), max(deadline - time.monotonic(), 0.001))
         except asyncio.TimeoutError:
             events.cancel()
-            raise self._timeout() from None
+            raise await self._timed_out_waiting() from None
         except BackPressureError as e:
             raise self._overloaded(e) from None
         except _UNAVAILABLE as e:
