@@ -125,7 +125,12 @@ def run_demo(fresh: bool = False, chat: bool = True) -> None:
         t = _step(6, total, "before and after fine-tuning")
         _compare(f"{storage}/{run}", best, url, settings["sample_prompt"])
         _done(t)
+    from chatray.train.curves import plot_runs
+
+    curves = plot_runs([f"{storage}/{run}"], DEMO_DIR / "curves.png")
     print(f"\nDemo finished in {time.perf_counter() - t_all:.0f}s.\n")
+    print(f"  curves:     {curves.relative_to(REPO) if curves.is_relative_to(REPO) else curves}   "
+          f"(live: .venv/bin/tensorboard --logdir {storage})")
     print(f"  chat:       .venv/bin/chatray chat --url {url}")
     print(f"  one-shot:   .venv/bin/chatray generate --url {url} \"你喜欢什么运动?\"")
     print(f"  curl:       curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "

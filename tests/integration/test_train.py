@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -119,6 +120,44 @@ def test_killed_worker_run_finishes_without_gaps(two_workers, tiny_dataset):
     assert untrained["eval_loss"] > evals[1]["eval_loss"] + 1.0
     steps = [c.step for c in list_checkpoints(run) if c.valid]
     assert STEPS in steps and len(steps) <= 3  # num_to_keep=2 by eval_loss, plus the latest
+
+
+def _tensorboard_events(run: str, local: Path) -> Any:
+    """The run's TensorBoard events as TensorBoard itself reads them (copied down from S3 first)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from chatray.storage.uri import download_dir
+
+    download_dir(run, local)
+    acc = EventAccumulator(str(local), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_events_and_plot_of_the_run(two_workers, tmp_path):
+    """The restarted run's event files give each logged step once (the restart purged the redone steps), with
+    the values of metrics.jsonl; `chatray train plot` draws its curves from S3."""
+    from click.testing import CliRunner
+
+    from chatray.cli import cli
+
+    run, _ = two_workers
+    records = read_metrics(run)
+    acc = _tensorboard_events(run, tmp_path / "events")
+    loss = [(e.step, e.value) for e in acc.Scalars("train/loss")]
+    assert [s for s, _ in loss] == list(range(1, STEPS + 1)), "each step once, none from the killed attempt"
+    assert [v for _, v in loss] == pytest.approx([r["loss"] for r in records if "loss" in r], rel=1e-6)
+    evals = [(e.step, e.value) for e in acc.Scalars("eval/loss")]
+    assert evals == [(r["step"], pytest.approx(r["eval_loss"], rel=1e-6)) for r in records if "eval_loss" in r]
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "eval/perplexity"} <= set(acc.Tags()["scalars"])
+    assert "eval/sample/text_summary" in acc.Tags()["tensors"]  # the sample reply, as text
+
+    out = tmp_path / "curves.png"
+    result = CliRunner().invoke(cli, ["train", "plot", run, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    import matplotlib.image
+
+    assert out.stat().st_size > 20_000 and matplotlib.image.imread(out).shape == (800, 1500, 4)
 
 
 def test_two_workers_match_one_process(two_workers, tiny_dataset):

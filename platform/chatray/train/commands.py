@@ -198,3 +198,18 @@ def list_(storage: str | None, config: str | None, address: str | None) -> None:
         jobs = [j for j in job_client(address).list_jobs() if (j.metadata or {}).get("chatray_run")]
         for j in sorted(jobs, key=lambda j: j.start_time or 0):
             click.echo(f"job {j.submission_id}  run {j.metadata['chatray_run']}  {j.status}")
+
+
+@train.command("plot")
+@click.argument("runs", nargs=-1, required=True)
+@_with(_storage_opts)
+@click.option("--out", "-o", default="curves.png", show_default=True, type=click.Path(dir_okay=False),
+              help="The PNG to write.")
+def plot(runs: tuple[str, ...], storage: str | None, config: str | None, out: str) -> None:
+    """Draw the training curves of one or more RUNS (names or <storage>/<run>, local or s3://) into a PNG."""
+    from chatray.train.curves import plot_runs
+    from chatray.train.runs import run_uri_for
+
+    where = _storage(storage, config)
+    path = plot_runs([run_uri_for(r, where) for r in runs], out)
+    click.echo(f"curves of {', '.join(runs)} written to {path}")

@@ -189,15 +189,22 @@ class _Run:
         if rank == 0:
             from chatray.train.metrics import MetricsLog
 
-            self.log = MetricsLog(self.plan.run_uri, keep_until_step=start)
+            self.log = MetricsLog(self.plan.run_uri, keep_until_step=start, tensorboard=True)
             say(f"run {self.plan.run_uri}: {self.worker.world} worker(s) on {self.worker.device.type}, "
                 f"{self.step.cfg.precision}, global batch "
                 f"{self.cfg.train.micro_batch_size * self.step.cfg.grad_accum * self.worker.world} x "
                 f"{self.plan.block_size} tokens ({self.cfg.data.packing}), steps {start} -> {max_steps}")
-        if start >= max_steps:
-            if rank == 0:
-                say(f"already at step {start} >= train.max_steps={max_steps}; raise train.max_steps to continue")
-            return
+        try:
+            if start >= max_steps:
+                if rank == 0:
+                    say(f"already at step {start} >= train.max_steps={max_steps}; raise train.max_steps to continue")
+                return
+            self._steps(start, max_steps)
+        finally:
+            if self.log is not None:
+                self.log.close()
+
+    def _steps(self, start: int, max_steps: int) -> None:
         if start == 0 and self.cfg.eval.at_start and self.plan.eval_rows > 0:
             self._evaluate_untrained()
         while self.step.step < max_steps:

@@ -1,4 +1,5 @@
-"""``<storage>/<run>/metrics.jsonl``: one JSON object per logged step, rewritten whole on every append.
+"""``<storage>/<run>/metrics.jsonl``: one JSON object per logged step, rewritten whole on every append (and the
+same records as TensorBoard events beside it: :mod:`chatray.train.curves`).
 
 Rewriting (instead of appending) works the same on a local disk, NFS and S3 (objects cannot be appended
 to), keeps the file consistent after a restart (lines past the resumed checkpoint are dropped, so the
@@ -54,16 +55,30 @@ class MetricsLog:
             0 for a run that starts from scratch, which keeps none (not even an earlier attempt's step-0 eval).
     """
 
-    def __init__(self, run_uri: str, keep_until_step: int = 0) -> None:
+    def __init__(self, run_uri: str, keep_until_step: int = 0, *, tensorboard: bool = False) -> None:
         self.uri = join(run_uri, METRICS_JSONL)
         old = read_metrics(run_uri) if keep_until_step > 0 else []
         self.records = [r for r in old if int(r.get("step", 0)) <= keep_until_step]
         self._write()
+        self._tb = None
+        if tensorboard:
+            from chatray.train.curves import TensorBoardLog
+
+            self._tb = TensorBoardLog(run_uri, purge_after=keep_until_step)
 
     def append(self, record: dict[str, Any]) -> None:
-        """Add one line and persist the file."""
-        self.records.append({k: _clean(v) for k, v in record.items()})
+        """Add one line and persist the file (and the TensorBoard events, when on)."""
+        rec = {k: _clean(v) for k, v in record.items()}
+        self.records.append(rec)
         self._write()
+        if self._tb is not None:
+            self._tb.add(rec)
+
+    def close(self) -> None:
+        """Close the TensorBoard writer, if any (the JSONL file is always complete)."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def _write(self) -> None:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records)
