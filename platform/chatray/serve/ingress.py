@@ -11,17 +11,20 @@ class-based routes that ``@serve.ingress`` rewrites.
 """
 
 import asyncio
+import functools
 import hmac
+import html
 import json
 import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -94,6 +97,21 @@ async def _running_generators() -> int | None:
         return None
 
 
+# The page talks only to this origin: no CDN, no third-party script can run in it.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                               "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+
+
+@functools.cache
+def _chat_page() -> str:
+    return (Path(__file__).parent / "page" / "chat.html").read_text(encoding="utf-8")
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -163,7 +181,13 @@ class Ingress:
         return APIError(503, f"no model replica is running yet (starting from zero replicas takes a while); "
                         f"retry in {retry}s", code="no_replica", headers={"Retry-After": str(retry)})
 
-    # ------------------------------------------------------------------ health and models
+    # ------------------------------------------------------------------ the chat page, health and models
+    @app.get("/")
+    async def chat_page(self, request: Request) -> Response:
+        """The browser chat page (same origin, no CDN); it calls this app's /v1 routes with the user's key."""
+        base = html.escape(request.scope.get("root_path", "").rstrip("/"), quote=True)
+        return HTMLResponse(_chat_page().replace("{{BASE}}", base), headers=_PAGE_HEADERS)
+
     @app.get("/healthz")
     async def healthz(self) -> Response:
         """Liveness: the ingress answers."""
