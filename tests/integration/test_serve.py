@@ -98,15 +98,22 @@ def oai(served):
 
 
 @pytest.fixture(scope="module")
-def greedy(served):
-    """What ``main``'s model generates greedily for prompt ids, computed here by the engine a replica runs."""
+def local_engine(served):
+    """The engine a ``main`` replica runs, here in-process (fp32, CPU): the reference for what HTTP returns."""
     from chatray.model import load_model, load_model_tokenizer
     from chatray.serve.engine import GenerationEngine
-    from chatray.serve.sampling import SamplingParams
 
     folder = served["folder_a"]
-    engine = GenerationEngine(load_model(folder), load_model_tokenizer(folder), max_batch_size=1)
-    return lambda ids, max_tokens: engine.generate([ids], SamplingParams(max_tokens=max_tokens, temperature=0.0))[0]
+    return GenerationEngine(load_model(folder), load_model_tokenizer(folder), max_batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def greedy(local_engine):
+    """What ``main``'s model generates greedily for prompt ids."""
+    from chatray.serve.sampling import SamplingParams
+
+    return lambda ids, max_tokens: local_engine.generate([ids], SamplingParams(max_tokens=max_tokens,
+                                                                               temperature=0.0))[0]
 
 
 def _chat(url: str, body: dict, headers: dict | None = None, timeout: float = 30) -> httpx.Response:
@@ -229,7 +236,11 @@ BAD = [
     ("empty messages", {"messages": []}, 400, "messages"),
     ("unknown role", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     ("missing messages", {"prompt": "hi"}, 400, "messages"),
-    ("n > 1", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ("n over max_n", {"messages": [{"role": "user", "content": "hi"}], "n": 5}, 400, "n"),
+    ("unsupported", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ("unknown", {"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}, 400, "frobnicate"),
+    ("penalty range", {"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 3}, 400,
+     "presence_penalty"),
     ("stream not bool", {"messages": [{"role": "user", "content": "hi"}], "stream": "sure"}, 400, "stream"),
 ]
 
@@ -253,10 +264,10 @@ def test_context_overflow_on_completions_names_both_numbers(served):
     assert "100 tokens" in err["message"] and "(50)" in err["message"] and "128" in err["message"]
 
 
-def test_unknown_fields_are_ignored(served):
-    r = _chat(served["url"], {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-                              "frobnicate": {"x": 1}, "presence_penalty": 0.3, "user": "me"})
-    assert r.status_code == 200
+def test_harmless_fields_are_accepted(served):
+    r = _chat(served["url"], {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "user": "me",
+                              "presence_penalty": 0.3, "logit_bias": {}, "tools": None})
+    assert r.status_code == 200, r.text
 
 
 def test_body_too_large_routes_and_methods(served):
@@ -338,6 +349,114 @@ def test_fuzz_malformed_bodies_never_5xx(served):
     assert HTTP.get(url + "/readyz").status_code == 200
     assert _chat(url, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).status_code == 200
     assert _generator_stats("main")["alive"]
+
+
+# ---------------------------------------------------------------------------------------------- OpenAI completeness
+def _log_softmax(local_engine, ids: list[int]):
+    """(len(ids), V): the model's own log-softmax at every position (one unpadded forward, fp32, CPU)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(local_engine.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+
+
+def test_chat_logprobs_match_the_models_log_softmax(served, oai, local_engine):
+    from chatray.serve.sampling import SamplingParams
+
+    tok = served["tok"]
+    messages = [{"role": "user", "content": "hello, how are you?"}]
+    prompt = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    r = oai.chat.completions.create(model="run-a", messages=messages, max_tokens=10, temperature=0, logprobs=True,
+                                    top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    ids = [e.token_id for e in local_engine.generate([prompt], SamplingParams(max_tokens=10, temperature=0.0,
+                                                                              logprobs=0))[0].logprobs]
+    assert len(content) == len(ids) == r.usage.completion_tokens
+    ref = _log_softmax(local_engine, prompt + ids)[len(prompt) - 1:-1]
+    for step, (entry, token_id) in enumerate(zip(content, ids)):
+        assert entry.token == tok.decode([token_id]) and abs(entry.logprob - ref[step, token_id].item()) < 1e-4
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(ref[step].topk(3).values.tolist(), abs=1e-4)
+        assert entry.top_logprobs[0].token == entry.token  # greedy picked the most likely token
+    chunks = list(oai.chat.completions.create(model="run-a", messages=messages, max_tokens=10, temperature=0,
+                                              logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob, e.bytes) for e in streamed] == [(e.token, e.logprob, e.bytes) for e in content]
+    plain = oai.chat.completions.create(model="run-a", messages=messages, max_tokens=10, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
+def test_completions_echo_scores_the_prompt(served, oai, local_engine):
+    """How evaluation harnesses (lm-eval's local-completions) score text: echo + logprobs, no or one new token."""
+    tok = served["tok"]
+    text = "the quick brown fox jumps over the lazy dog"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    ref = _log_softmax(local_engine, ids)
+    for prompt, max_tokens in ((text, 0), ([ids], 1)):
+        r = oai.completions.create(model="run-a", prompt=prompt, max_tokens=max_tokens, echo=True, logprobs=1,
+                                   temperature=0)
+        lp = r.choices[0].logprobs
+        assert r.choices[0].text.startswith(text) and r.usage.completion_tokens == max_tokens
+        assert len(lp.tokens) == len(ids) + max_tokens and lp.token_logprobs[0] is None
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx([ref[j - 1, ids[j]].item() for j in range(1, len(ids))],
+                                                              abs=1e-4)
+        assert all(len(top) in (1, 2) and lp.tokens[j] in top for j, top in enumerate(lp.top_logprobs) if j)
+        assert lp.text_offset[0] == 0
+    stream = list(oai.completions.create(model="run-a", prompt=text, max_tokens=0, echo=True, logprobs=1,
+                                         stream=True))
+    assert "".join(c.choices[0].text for c in stream if c.choices) == text
+
+
+def test_n_choices_and_penalties(served, oai, local_engine):
+    from chatray.serve.sampling import SamplingParams
+
+    messages = [{"role": "user", "content": "hello"}]
+    r = oai.chat.completions.create(model="run-a", messages=messages, n=3, max_tokens=12, temperature=1.0, seed=5,
+                                    logprobs=True)
+    assert [c.index for c in r.choices] == [0, 1, 2] and len({c.message.content for c in r.choices}) > 1
+    assert r.usage.completion_tokens == sum(len(c.logprobs.content) for c in r.choices)  # usage counts all choices
+    again = oai.chat.completions.create(model="run-a", messages=messages, n=3, max_tokens=12, temperature=1.0,
+                                        seed=5)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
+    chunks = list(oai.chat.completions.create(model="run-a", messages=messages, n=3, max_tokens=12, temperature=1.0,
+                                              seed=5, stream=True, stream_options={"include_usage": True}))
+    for i, choice in enumerate(r.choices):
+        assert "".join(c.choices[0].delta.content or "" for c in chunks
+                       if c.choices and c.choices[0].index == i) == choice.message.content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+    tok = served["tok"]
+    prompt = tok("the quick brown fox", add_special_tokens=False)["input_ids"]
+    plain = oai.completions.create(model="run-a", prompt=prompt, max_tokens=24, temperature=0)
+    for kw in ({"frequency_penalty": 1.5}, {"presence_penalty": 2.0}):
+        got = oai.completions.create(model="run-a", prompt=prompt, max_tokens=24, temperature=0, **kw)
+        want = local_engine.generate([prompt], SamplingParams(max_tokens=24, temperature=0.0, **kw))[0]
+        assert got.choices[0].text == want.text and got.choices[0].text != plain.choices[0].text
+
+
+def test_tokenize_detokenize_and_unsupported_fields(served, oai):
+    import openai
+
+    url = served["url"]
+    messages = [{"role": "user", "content": "你喜欢什么运动?"}]
+    t = HTTP.post(url + "/tokenize", json={"model": "run-a", "messages": messages}).json()
+    r = oai.chat.completions.create(model="run-a", messages=messages, max_tokens=2)
+    assert t["count"] == len(t["tokens"]) == r.usage.prompt_tokens and t["max_model_len"] == 128
+    p = HTTP.post(url + "/tokenize", json={"prompt": "你好, the fox"}).json()
+    assert HTTP.post(url + "/detokenize", json={"tokens": p["tokens"]}).json() == {"prompt": "你好, the fox"}
+    _assert_openai_error(HTTP.post(url + "/detokenize", json={"tokens": [1, 10**6]}), 400, "tokens[1]")
+    _assert_openai_error(HTTP.post(url + "/tokenize", json={"text": "x"}), 400, "text")
+    g = url + "/guarded"
+    _assert_openai_error(HTTP.post(g + "/tokenize", json={"prompt": "x"}), 401)
+    assert HTTP.post(g + "/tokenize", json={"prompt": "x"}, headers={"Authorization": f"Bearer {KEY}"}).json()["count"]
+    for kwargs, param in (({"logit_bias": {"1": 5}}, "logit_bias"), ({"extra_body": {"best_of": 2}}, "best_of"),
+                          ({"extra_body": {"guided_json": {}}}, "guided_json")):
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.chat.completions.create(model="run-a", messages=messages, max_tokens=2, **kwargs)
+        assert e.value.body["param"] == param and param in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model="run-a", messages=messages, max_tokens=2, max_completion_tokens=3)
+    assert e.value.body["param"] == "max_completion_tokens"
 
 
 # ---------------------------------------------------------------------------------------------- load edges

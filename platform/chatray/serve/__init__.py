@@ -5,7 +5,9 @@ Modules (import them directly; this package imports nothing heavy):
     Ray): continuous batching, per-request sampling, streamed text with stop strings, exact token counts, the KV
     cache across transformers versions. ``benchmarks/gpu_serve.py`` runs it without Ray.
   * ``async_engine``: the engine's step loop on a thread, for asyncio callers (the replica).
-  * ``schemas``, ``prompting``: OpenAI request/response shapes and request -> prompt ids + sampling params.
+  * ``logprobs``: the model's log-probabilities, computed in the engine and shaped as OpenAI reports them.
+  * ``schemas``, ``prompting``, ``choices``: OpenAI request/response shapes, request -> prompt ids + sampling
+    params (and ``/tokenize``), a request's ``n`` choices with echo and logprobs.
   * ``app``, ``settings``, ``generator``, ``ingress``: ``build_app`` (serve_config.yaml's
     ``import_path: chatray.serve.app:build_app``), validating :class:`~chatray.serve.app.ServeArgs` once into the
     typed settings each deployment receives, and the two Serve deployments.

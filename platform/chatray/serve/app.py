@@ -44,6 +44,7 @@ class ServeArgs(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1, description="default top_p")
     top_k: int = Field(0, ge=0, description="default top_k (0 = off)")
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="default repetition penalty (1 = off)")
+    max_n: int = Field(4, ge=1, le=64, description="most choices (n) one request may ask for")
     # At most 2 MiB: the ingress forwards the request over Serve's gRPC data plane, whose messages are capped at
     # 4 MiB (a 1024-token context never needs a body near either).
     max_body_bytes: int = Field(1 << 20, ge=1024, le=2 << 20, description="larger request bodies get 413")
@@ -87,7 +88,7 @@ class ServeArgs(BaseModel):
             model=model, model_name=self.model_name or model_name_from_checkpoint(model.requested),
             cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, max_batch_size=self.max_batch_size,
             batch_wait_timeout_s=self.batch_wait_timeout_s, step_delay_s=self.step_delay_s,
-            sampling=self.sampling_defaults())
+            sampling=self.sampling_defaults(), max_n=self.max_n)
 
     def ingress_settings(self) -> IngressSettings:
         """What the ingress gets; the API key is read from ``api_key_env`` in this process (where the app is built)."""

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from chatray.serve.engine import Completion, EngineError, GenerationEngine, StepOutput
+from chatray.serve.engine import Completion, EngineError, GenerationEngine, StepOutput, gather_outputs
 from chatray.serve.sampling import SamplingParams
 
 __all__ = ["AsyncEngine"]
@@ -40,8 +40,8 @@ class AsyncEngine:
         self.engine = engine
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.step_delay_s = step_delay_s
-        # request id -> (its event loop, its queue, text parts gathered here for whole-reply requests or None)
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[str] | None]] = {}
+        # request id -> (its event loop, its queue, outputs gathered here for whole-reply requests or None)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list[StepOutput] | None]] = {}
         self._streams_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -59,8 +59,8 @@ class AsyncEngine:
                      request_id: str | None = None, *, whole: bool = False) -> AsyncIterator[StepOutput]:
         """Generate for one request, yielding a :class:`StepOutput` per step until one has finish_reason.
 
-        With ``whole``, the step loop gathers the text itself and yields only the final output, whose delta is
-        the whole reply: one hand-over between threads per request instead of one per token.
+        With ``whole``, the step loop gathers the outputs itself and yields only the final one, whose delta (and
+        logprobs) are the whole reply's: one hand-over between threads per request instead of one per token.
         Closing the iterator early (client gone, task cancelled) aborts the request in the engine.
 
         Raises:
@@ -100,7 +100,7 @@ class AsyncEngine:
             async for out in agen:
                 if out.finish_reason is not None:
                     return Completion(out.request_id, out.delta, out.finish_reason, out.prompt_tokens,
-                                      out.completion_tokens)
+                                      out.completion_tokens, out.logprobs, out.prompt_logprobs)
         finally:
             await agen.aclose()
         raise EngineError("generation ended without a finish reason")  # pragma: no cover
@@ -123,10 +123,11 @@ class AsyncEngine:
             return
         loop, queue, parts = target
         if parts is not None and isinstance(item, StepOutput):  # whole-reply request: hand over only the end
-            parts.append(item.delta)
+            parts.append(item)
             if item.finish_reason is None:
                 return
-            item = replace(item, delta="".join(parts))
+            whole = gather_outputs(parts)
+            item = replace(item, delta=whole.text, logprobs=whole.logprobs, prompt_logprobs=whole.prompt_logprobs)
         try:
             loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:  # the request's event loop is closed: nobody is listening any more

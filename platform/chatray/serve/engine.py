@@ -33,9 +33,10 @@ import torch
 from chatray.model import config_context_length
 from chatray.serve.detokenize import Detokenizer
 from chatray.serve.kvcache import cache_kwarg, cache_tensors, new_cache, returned_cache, set_cache_tensors
+from chatray.serve.logprobs import TokenLogprob, position_logprobs, prompt_logprobs
 from chatray.serve.sampling import SamplingParams, make_generator, sample
 
-__all__ = ["Completion", "EngineError", "FinishReason", "GenerationEngine", "StepOutput"]
+__all__ = ["Completion", "EngineError", "FinishReason", "GenerationEngine", "StepOutput", "gather_outputs"]
 
 FinishReason = Literal["stop", "length"]
 
@@ -56,6 +57,9 @@ class StepOutput:
             context full) on the last output.
         prompt_tokens: tokens in the prompt.
         completion_tokens: tokens generated so far (EOS and the token completing a stop string included).
+        logprobs: the tokens generated since the previous output, with their logprobs, when the request asked
+            for them (every generated token, EOS and a stop string's included, like ``completion_tokens``).
+        prompt_logprobs: the prompt tokens' logprobs, on the first output, when the request asked for them.
     """
 
     request_id: str
@@ -63,17 +67,21 @@ class StepOutput:
     finish_reason: FinishReason | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)
 class Completion:
-    """A finished request: the full text and the exact token counts."""
+    """A finished request: the full text, the exact token counts and any logprobs it asked for."""
 
     request_id: str
     text: str
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass
@@ -85,6 +93,8 @@ class _Sequence:
     text: Detokenizer
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    step_logprob: TokenLogprob | None = None  # this step's token, until _consume hands it out
+    prompt_lps: tuple[TokenLogprob, ...] | None = None  # computed at prefill, handed out with the first output
 
 
 def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -204,10 +214,12 @@ class GenerationEngine:
             free = self.max_batch_size - len(self._rows)
             joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
             self._joining = joining  # owned by this step until merged: fail_all must see them too
-        if joining:
-            state, tokens = self._prefill(joining)
-            outputs += self._consume(joining, tokens)
-            self._merge(joining, state)
+        # Rows scoring their prompt keep every position's logits (T x V each): prefill them apart from the others.
+        plain = [s for s in joining if s.params.prompt_logprobs is None]
+        for group in (g for g in (plain, [s for s in joining if s.params.prompt_logprobs is not None]) if g):
+            state, tokens = self._prefill(group)
+            outputs += self._consume(group, tokens)
+            self._merge(group, state)
         self._joining = []
         self._drop_finished()
         self.stats["steps"] += 1
@@ -233,14 +245,13 @@ class GenerationEngine:
         ids = [f"gen-{uuid.uuid4().hex}" for _ in prompts]
         for rid, p, sp in zip(ids, prompts, plist):
             self.add_request(rid, p, sp)
-        texts: dict[str, list[str]] = {rid: [] for rid in ids}
+        outs: dict[str, list[StepOutput]] = {rid: [] for rid in ids}
         done: dict[str, Completion] = {}
         while len(done) < len(ids):
             for out in self.step():
-                texts[out.request_id].append(out.delta)
+                outs[out.request_id].append(out)
                 if out.finish_reason is not None:
-                    done[out.request_id] = Completion(out.request_id, "".join(texts[out.request_id]),
-                                                      out.finish_reason, out.prompt_tokens, out.completion_tokens)
+                    done[out.request_id] = gather_outputs(outs[out.request_id])
         return [done[rid] for rid in ids]
 
     # ------------------------------------------------------------------ internals
@@ -248,10 +259,11 @@ class GenerationEngine:
         self._rows: list[_Sequence] = []
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # (B, T) long: 1 = real token in the cache
-        self._next_pos: torch.Tensor | None = None  # (B,) position id of the pending token
-        self._last: torch.Tensor | None = None  # (B,) sampled token not yet in the cache
-        self._seen: torch.Tensor | None = None  # (B, V) bool: tokens in prompt or output
-        self._temperature = self._top_p = self._top_k = self._penalty = None  # (B,) each
+        # Per-row tensors, all (B, ...) in the order of _rows; rows join (cat) and leave (index_select) together:
+        #   next_pos (B,) position id of the pending token; last (B,) sampled token not yet in the cache;
+        #   seen (B, V) bool, tokens in prompt or output; counts (B, V) float, occurrences in the output;
+        #   temperature, top_k, top_p, penalty, presence, frequency (B,) each: the rows' sampling settings.
+        self._row: dict[str, torch.Tensor] = {}
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
                  last_only: bool) -> tuple[torch.Tensor, Any]:
@@ -259,41 +271,64 @@ class GenerationEngine:
         if last_only and self._supports_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
-        return out.logits[:, -1, :], returned_cache(out)  # (B, V)
+        return out.logits, returned_cache(out)  # (B, T or 1, V)
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Sequence], temperature: torch.Tensor,
-                top_k: torch.Tensor, top_p: torch.Tensor, penalty: torch.Tensor,
-                seen: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    def _sample(self, logits: torch.Tensor, rows: list[_Sequence],
+                row: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """One token per row: (B,) on the device (fed back to the model) and as a list (for the host)."""
+        want = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
+        if want:  # logprobs are the raw distribution: keep a copy of the logits before masking and penalties
+            pick = torch.tensor(want, dtype=torch.long, device=logits.device)
+            raw = logits.index_select(0, pick)  # (W, V)
         if self._vocab_limit is not None:
             logits[:, self._vocab_limit:] = float("-inf")
         uniforms = torch.stack([torch.rand((), generator=s.generator) for s in rows])  # (B,)
-        tokens = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty,
-                        uniforms=uniforms, seen=seen)
-        seen[torch.arange(len(rows), device=seen.device), tokens] = True
+        # Decided on the host: a batch without presence/frequency penalties skips their work and a device sync.
+        penalize = any(s.params.presence_penalty or s.params.frequency_penalty for s in rows)
+        tokens = sample(logits, temperature=row["temperature"], top_k=row["top_k"], top_p=row["top_p"],
+                        repetition_penalty=row["penalty"], uniforms=uniforms, seen=row["seen"],
+                        counts=row["counts"] if penalize else None, presence_penalty=row["presence"],
+                        frequency_penalty=row["frequency"])
+        every = torch.arange(len(rows), device=tokens.device)
+        row["seen"][every, tokens] = True
+        if penalize:
+            row["counts"][every, tokens] += 1
+        if want:
+            k = max(rows[i].params.logprobs or 0 for i in want)
+            for i, entry in zip(want, position_logprobs(raw, tokens.index_select(0, pick), k)):
+                rows[i].step_logprob = TokenLogprob(entry.token_id, entry.logprob, entry.top[:rows[i].params.logprobs])
         return tokens, tokens.tolist()
 
     def _decode_step(self) -> list[int]:
-        assert self._mask is not None and self._last is not None and self._next_pos is not None
+        assert self._mask is not None
+        row = self._row
         mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)  # (B, T+1)
-        logits, self._cache = self._forward(self._last[:, None], mask, self._next_pos[:, None], self._cache,
+        logits, self._cache = self._forward(row["last"][:, None], mask, row["next_pos"][:, None], self._cache,
                                             last_only=False)
         self._mask = mask
-        self._next_pos = self._next_pos + 1
-        self._last, tokens = self._sample(logits, self._rows, self._temperature, self._top_k, self._top_p,
-                                          self._penalty, self._seen)
+        row["next_pos"] = row["next_pos"] + 1
+        row["last"], tokens = self._sample(logits[:, -1, :], self._rows, row)
         return tokens
 
     def _row_params(self, rows: list[_Sequence]) -> dict[str, torch.Tensor]:
-        dev = self.device
+        dev, n = self.device, len(rows)
+
+        def floats(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=dev)
+
         return {
-            "temperature": torch.tensor([s.params.temperature for s in rows], dtype=torch.float32, device=dev),
+            "temperature": floats([s.params.temperature for s in rows]),
             "top_k": torch.tensor([min(s.params.top_k, self.vocab_size) for s in rows], dtype=torch.long, device=dev),
-            "top_p": torch.tensor([s.params.top_p for s in rows], dtype=torch.float32, device=dev),
-            "penalty": torch.tensor([s.params.repetition_penalty for s in rows], dtype=torch.float32, device=dev),
+            "top_p": floats([s.params.top_p for s in rows]),
+            "penalty": floats([s.params.repetition_penalty for s in rows]),
+            "presence": floats([s.params.presence_penalty for s in rows]),
+            "frequency": floats([s.params.frequency_penalty for s in rows]),
+            "seen": torch.zeros((n, self.vocab_size), dtype=torch.bool, device=dev),
+            "counts": torch.zeros((n, self.vocab_size), dtype=torch.float32, device=dev),
+            "next_pos": torch.tensor([len(s.prompt_ids) for s in rows], dtype=torch.long, device=dev),
         }
 
-    def _prefill(self, rows: list[_Sequence]) -> tuple[dict[str, Any], list[int]]:
+    def _prefill(self, rows: list[_Sequence]) -> tuple[tuple[Any, torch.Tensor, dict[str, torch.Tensor]], list[int]]:
         n, width = len(rows), max(len(s.prompt_ids) for s in rows)
         ids = torch.full((n, width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -302,47 +337,36 @@ class GenerationEngine:
             mask[i, width - len(s.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (n, width): per-row positions, 0 at the first real
-        logits, cache = self._forward(ids, mask, positions, new_cache(), last_only=True)
-        params = self._row_params(rows)
-        seen = torch.zeros((n, self.vocab_size), dtype=torch.bool, device=self.device)
-        seen.scatter_(1, ids, mask.bool())  # prompt tokens count for the repetition penalty; padding does not
-        last, tokens = self._sample(logits, rows, params["temperature"], params["top_k"], params["top_p"],
-                                    params["penalty"], seen)
-        state = {
-            "cache": cache, "mask": mask, "seen": seen, "last": last,
-            "next_pos": torch.tensor([len(s.prompt_ids) for s in rows], dtype=torch.long, device=self.device),
-            **params,
-        }
-        return state, tokens
+        scoring = any(s.params.prompt_logprobs is not None for s in rows)  # then every position's logits are kept
+        logits, cache = self._forward(ids, mask, positions, new_cache(), last_only=not scoring)  # (n, T or 1, V)
+        for i, s in enumerate(rows):
+            if s.params.prompt_logprobs is not None:
+                s.prompt_lps = tuple(prompt_logprobs(logits[i, width - len(s.prompt_ids):], s.prompt_ids,
+                                                     s.params.prompt_logprobs))
+        row = self._row_params(rows)
+        row["seen"].scatter_(1, ids, mask.bool())  # prompt tokens count for the repetition penalty; padding does not
+        row["last"], tokens = self._sample(logits[:, -1, :], rows, row)
+        return (cache, mask, row), tokens
 
-    def _merge(self, rows: list[_Sequence], state: dict[str, Any]) -> None:
+    def _merge(self, rows: list[_Sequence], state: tuple[Any, torch.Tensor, dict[str, torch.Tensor]]) -> None:
         """Append prefilled rows (their cache, mask and per-row tensors) to the running batch."""
+        cache, mask, row = state
         if not self._rows:
-            self._rows = list(rows)
-            self._cache, self._mask, self._seen = state["cache"], state["mask"], state["seen"]
-            self._next_pos, self._last = state["next_pos"], state["last"]
-            self._temperature, self._top_k = state["temperature"], state["top_k"]
-            self._top_p, self._penalty = state["top_p"], state["penalty"]
+            self._rows, self._cache, self._mask, self._row = list(rows), cache, mask, row
             return
         assert self._mask is not None
-        old_t, new_t = self._mask.shape[1], state["mask"].shape[1]
+        old_t, new_t = self._mask.shape[1], mask.shape[1]
         width = max(old_t, new_t)
-        old_kv, new_kv = cache_tensors(self._cache), cache_tensors(state["cache"])
+        old_kv, new_kv = cache_tensors(self._cache), cache_tensors(cache)
         merged = [
             (torch.cat([_left_pad(ok, width - old_t, 2), _left_pad(nk, width - new_t, 2)], dim=0),
              torch.cat([_left_pad(ov, width - old_t, 2), _left_pad(nv, width - new_t, 2)], dim=0))
             for (ok, ov), (nk, nv) in zip(old_kv, new_kv)
         ]
         set_cache_tensors(self._cache, merged)
-        self._mask = torch.cat([_left_pad(self._mask, width - old_t, 1), _left_pad(state["mask"], width - new_t, 1)])
+        self._mask = torch.cat([_left_pad(self._mask, width - old_t, 1), _left_pad(mask, width - new_t, 1)])
         self._rows += rows
-        self._seen = torch.cat([self._seen, state["seen"]])
-        self._next_pos = torch.cat([self._next_pos, state["next_pos"]])
-        self._last = torch.cat([self._last, state["last"]])
-        self._temperature = torch.cat([self._temperature, state["temperature"]])
-        self._top_k = torch.cat([self._top_k, state["top_k"]])
-        self._top_p = torch.cat([self._top_p, state["top_p"]])
-        self._penalty = torch.cat([self._penalty, state["penalty"]])
+        self._row = {name: torch.cat([t, row[name]]) for name, t in self._row.items()}
 
     def _keep_rows(self, keep: list[int]) -> None:
         if len(keep) == len(self._rows):
@@ -358,8 +382,7 @@ class GenerationEngine:
         self._mask = mask[:, first:]
         set_cache_tensors(self._cache, [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
                                          for k, v in cache_tensors(self._cache)])
-        for name in ("_seen", "_next_pos", "_last", "_temperature", "_top_k", "_top_p", "_penalty"):
-            setattr(self, name, getattr(self, name).index_select(0, idx))
+        self._row = {name: t.index_select(0, idx) for name, t in self._row.items()}
 
     def _drop_aborted(self) -> None:
         with self._lock:
@@ -396,13 +419,24 @@ class GenerationEngine:
                 if (is_eos or seq.finish_reason == "length") and seq.text.flush(self._text_ids(seq)):
                     seq.finish_reason = "stop"
             delta = seq.text.take(final=seq.finish_reason is not None)
+            logprobs = (seq.step_logprob,) if seq.step_logprob is not None else ()
             outs.append(StepOutput(seq.request_id, delta, seq.finish_reason, len(seq.prompt_ids),
-                                   len(seq.output_ids)))
+                                   len(seq.output_ids), logprobs, seq.prompt_lps))
+            seq.step_logprob = seq.prompt_lps = None
         return outs
 
     def _text_ids(self, seq: _Sequence) -> list[int]:
         """The output ids that make text: an EOS that ended the request is counted but not decoded."""
         return [i for i in seq.output_ids if not (i in self.eos_token_ids and not seq.params.ignore_eos)]
+
+
+def gather_outputs(outputs: Sequence[StepOutput]) -> Completion:
+    """One request's outputs, the last of them finished, as one :class:`Completion`."""
+    last = outputs[-1]
+    assert last.finish_reason is not None
+    return Completion(last.request_id, "".join(o.delta for o in outputs), last.finish_reason, last.prompt_tokens,
+                      last.completion_tokens, tuple(lp for o in outputs for lp in o.logprobs),
+                      next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None))
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:

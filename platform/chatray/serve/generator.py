@@ -8,7 +8,9 @@ steps, each with its own sampling settings. Its settings arrive typed and valida
 by ``build_app``).
 
 Requests and replies cross the Ray boundary as plain dicts; errors come back as values (``{"error": ...}``
-or an ``error`` event) so the ingress can map them to the OpenAI error shape before any byte is sent.
+or an ``error`` event) so the ingress can map them to the OpenAI error shape before any byte is sent. A request's
+``n`` choices, ``echo`` and logprobs are shaped by :mod:`~chatray.serve.choices`; ``/tokenize`` and ``/detokenize``
+run here too, where the tokenizer is.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ from typing import Any, Literal
 
 from ray import serve
 
-from chatray.serve.schemas import APIError, ChatCompletionRequest, CompletionRequest
+from chatray.serve.schemas import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from chatray.serve.settings import GeneratorSettings
 
 # torch/transformers (chatray.model's loader, chatray.serve.engine, chatray.serve.prompting) are imported inside
@@ -48,9 +56,10 @@ class Generator:
 
         from chatray.data.tokenizer import CHAT_TEMPLATE
         from chatray.model import load_model, load_model_tokenizer
+        from chatray.serve import choices, prompting
         from chatray.serve.async_engine import AsyncEngine
         from chatray.serve.engine import EngineError, GenerationEngine
-        from chatray.serve.prompting import build_prompt
+        from chatray.serve.logprobs import LogprobFormatter
         from chatray.serve.source import fetch_served_model
 
         s, t0 = settings, time.perf_counter()
@@ -68,8 +77,9 @@ class Generator:
         self._engine = AsyncEngine(GenerationEngine(model, tokenizer, max_batch_size=s.max_batch_size),
                                    batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s)
         self._tokenizer = tokenizer
-        self._defaults = s.sampling
-        self._build_prompt, self._engine_error = build_prompt, EngineError
+        self._defaults, self._max_n = s.sampling, s.max_n
+        self._choices, self._prompting, self._engine_error = choices, prompting, EngineError
+        self._formatter = LogprobFormatter(tokenizer)
         m = s.model
         self._info = {
             "id": s.model_name, "checkpoint": m.requested, "resolved_checkpoint": m.pinned, "kind": m.kind,
@@ -83,57 +93,69 @@ class Generator:
         logger.info("chatray generator ready: %s from %s on %s in %.1fs", s.model_name, local,
                     self._info["device"], time.perf_counter() - t0)
 
-    def _prepare(self, kind: str, body: dict[str, Any]):
+    def _plan(self, kind: str, body: dict[str, Any]):
         model = ChatCompletionRequest if kind == "chat" else CompletionRequest
         req = model.model_validate(body)
-        return self._build_prompt(self._tokenizer, req, context_length=self._engine.engine.context_length,
-                            vocab_size=self._engine.engine.vocab_size, defaults=self._defaults)
+        return self._prompting.plan_request(self._tokenizer, req, context_length=self._engine.engine.context_length,
+                                            vocab_size=self._engine.engine.vocab_size, defaults=self._defaults,
+                                            max_n=self._max_n)
 
     async def generate(self, kind: Literal["chat", "completion"], body: dict[str, Any]) -> dict[str, Any]:
-        """One whole reply: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens", "model"}``,
-        or ``{"error": {...}}`` (see :meth:`APIError.to_dict`)."""
+        """One whole reply: ``{"choices": [{"text", "finish_reason", "logprobs"}], "prompt_tokens",
+        "completion_tokens", "model"}``, or ``{"error": {...}}`` (see :meth:`APIError.to_dict`)."""
         try:
-            ids, params = self._prepare(kind, body)
-            done = await self._engine.generate(ids, params)
+            plan = self._plan(kind, body)
+            result = await self._choices.complete(self._engine, plan, self._formatter)
         except APIError as e:
             return {"error": e.to_dict()}
         except ValueError as e:
             return {"error": APIError(400, str(e)).to_dict()}
         except self._engine_error as e:
             return {"error": APIError(503, str(e), code="engine_error").to_dict()}
-        return {"text": done.text, "finish_reason": done.finish_reason, "prompt_tokens": done.prompt_tokens,
-                "completion_tokens": done.completion_tokens, "model": self._info["id"]}
+        return {**result, "model": self._info["id"]}
 
     async def generate_stream(self, kind: Literal["chat", "completion"],
                               body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Events: ``start`` (or ``error``) first, then ``delta`` events, then ``end`` with usage.
+        """Events: ``start`` (or ``error``) first, then ``delta`` (``index``, ``text``, ``logprobs``) and ``finish``
+        (``index``, ``finish_reason``) events of every choice, then ``end`` with usage over all choices.
 
         Cancelling the stream (the client went away) aborts the request in the engine.
         """
         try:
-            ids, params = self._prepare(kind, body)
+            plan = self._plan(kind, body)
         except APIError as e:
             yield {"event": "error", "error": e.to_dict()}
             return
         except ValueError as e:
             yield {"event": "error", "error": APIError(400, str(e)).to_dict()}
             return
-        yield {"event": "start", "model": self._info["id"], "prompt_tokens": len(ids)}
-        stream = self._engine.stream(ids, params)
+        yield {"event": "start", "model": self._info["id"], "prompt_tokens": len(plan.prompt_ids)}
+        events = self._choices.stream(self._engine, plan, self._formatter)
+        completion_tokens = 0
         try:
-            async for out in stream:
-                if out.finish_reason is None:
-                    if out.delta:
-                        yield {"event": "delta", "text": out.delta}
-                    continue
-                if out.delta:
-                    yield {"event": "delta", "text": out.delta}
-                yield {"event": "end", "finish_reason": out.finish_reason, "prompt_tokens": out.prompt_tokens,
-                       "completion_tokens": out.completion_tokens}
+            async for event in events:
+                completion_tokens += event.get("completion_tokens", 0)
+                yield event
+            yield {"event": "end", "prompt_tokens": len(plan.prompt_ids), "completion_tokens": completion_tokens}
         except (self._engine_error, ValueError) as e:
             yield {"event": "error", "error": APIError(503, str(e), code="engine_error").to_dict()}
         finally:
-            await stream.aclose()
+            await events.aclose()
+
+    def tokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``/tokenize``: ``{count, max_model_len, tokens, token_strs}``, or ``{"error": {...}}``."""
+        try:
+            req = TokenizeRequest.model_validate(body)
+            return self._prompting.tokenize(self._tokenizer, req, context_length=self._engine.engine.context_length)
+        except APIError as e:
+            return {"error": e.to_dict()}
+
+    def detokenize(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``/detokenize``: ``{prompt}``, or ``{"error": {...}}``."""
+        try:
+            return self._prompting.detokenize(self._tokenizer, DetokenizeRequest.model_validate(body))
+        except APIError as e:
+            return {"error": e.to_dict()}
 
     def model_info(self) -> dict[str, Any]:
         """The served model: id, checkpoint URI, local path, context length, device."""

@@ -6,6 +6,9 @@ generator's ``max_queued_requests`` (503/429 with Retry-After), OpenAI response 
 cancelling the generator call when the client goes away. Every error, including 404/405, uses OpenAI's
 ``{"error": {...}}`` shape; bad input never yields a 5xx.
 
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (OpenAI's, ``stream`` as server-sent events),
+``GET /v1/models``, ``POST /tokenize`` and ``POST /detokenize`` (vLLM's), ``GET /healthz``, ``GET /readyz``.
+
 No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` annotations of the
 class-based routes that ``@serve.ingress`` rewrites.
 """
@@ -35,6 +38,8 @@ from chatray.serve.schemas import (
     APIError,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     chat_chunk,
     chat_response,
     completion_chunk,
@@ -263,8 +268,8 @@ class Ingress:
             raise APIError.from_dict(result["error"])
         make = chat_response if kind == "chat" else completion_response
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
-        return JSONResponse(make(rid, result["model"], result["text"], result["finish_reason"],
-                                 result["prompt_tokens"], result["completion_tokens"]))
+        return JSONResponse(make(rid, result["model"], result["choices"], result["prompt_tokens"],
+                                 result["completion_tokens"]))
 
     async def _start_stream(self, kind: str, req: ChatCompletionRequest | CompletionRequest, body: dict[str, Any],
                             deadline: float) -> Response:
@@ -285,23 +290,24 @@ class Ingress:
         if first["event"] == "error":
             events.cancel()
             raise APIError.from_dict(first["error"])
-        return StreamingResponse(self._stream_body(kind, events, first, req.include_usage(), deadline),
+        return StreamingResponse(self._stream_body(kind, events, first, req, deadline),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _stream_body(self, kind: str, events: Any, first: dict[str, Any], include_usage: bool,
-                           deadline: float) -> AsyncIterator[str]:
+    async def _stream_body(self, kind: str, events: Any, first: dict[str, Any],
+                           req: ChatCompletionRequest | CompletionRequest, deadline: float) -> AsyncIterator[str]:
         rid, created, model = new_id("chatcmpl" if kind == "chat" else "cmpl"), int(time.time()), first["model"]
         finished = False
 
-        def chunk(text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        def chunk(index: int, text: str, finish_reason: str | None = None, logprobs: Any = None) -> dict[str, Any]:
             if kind == "chat":
-                return chat_chunk(rid, model, created, {"content": text} if text or finish_reason is None else {},
-                                  finish_reason)
-            return completion_chunk(rid, model, created, text, finish_reason)
+                delta = {"content": text} if text or finish_reason is None else {}
+                return chat_chunk(rid, model, created, delta, finish_reason, index=index, logprobs=logprobs)
+            return completion_chunk(rid, model, created, text, finish_reason, index=index, logprobs=logprobs)
 
         try:
-            if kind == "chat":
-                yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}))
+            if kind == "chat":  # each choice opens with its role, as OpenAI's stream does
+                for index in range(req.n):
+                    yield _sse(chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, index=index))
             while True:
                 try:
                     ev = await asyncio.wait_for(events.__anext__(), max(deadline - time.monotonic(), 0.001))
@@ -312,11 +318,12 @@ class Ingress:
                     yield _sse(error_body("generation ended unexpectedly", "service_unavailable_error"))
                     break
                 if ev["event"] == "delta":
-                    yield _sse(chunk(ev["text"]))
+                    yield _sse(chunk(ev["index"], ev["text"], logprobs=ev["logprobs"]))
+                elif ev["event"] == "finish":
+                    yield _sse(chunk(ev["index"], "", ev["finish_reason"]))
                 elif ev["event"] == "end":
                     finished = True
-                    yield _sse(chunk("", ev["finish_reason"]))
-                    if include_usage:
+                    if req.include_usage():
                         usage = (ev["prompt_tokens"], ev["completion_tokens"])
                         make = chat_chunk if kind == "chat" else completion_chunk
                         yield _sse(make(rid, model, created, {} if kind == "chat" else "", usage=usage,
@@ -333,3 +340,31 @@ class Ingress:
         finally:
             if not finished:  # client gone, timeout or error: free the generator's batch slot
                 events.cancel()
+
+    # ------------------------------------------------------------------ tokenizer (vLLM's routes)
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """Token ids of a prompt or of chat messages (as the generation routes tokenize them)."""
+        self._authorize(request)
+        req = parse_request(await self._read_body(request), TokenizeRequest)
+        return JSONResponse(await self._tokenizer_call("tokenize", req.model_dump(mode="python")))
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        """The text of token ids."""
+        self._authorize(request)
+        req = parse_request(await self._read_body(request), DetokenizeRequest)
+        return JSONResponse(await self._tokenizer_call("detokenize", req.model_dump(mode="python")))
+
+    async def _tokenizer_call(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            result = await asyncio.wait_for(getattr(self._generator, method).remote(body), self._s.request_timeout_s)
+        except BackPressureError as e:
+            raise self._overloaded(e) from None
+        except _UNAVAILABLE as e:
+            raise self._unavailable(e) from None
+        except asyncio.TimeoutError:
+            raise self._timeout() from None
+        if "error" in result:
+            raise APIError.from_dict(result["error"])
+        return result

@@ -1,8 +1,8 @@
 """Per-request sampling parameters and the batched sampler.
 
 Imports only torch (not Ray, not transformers): the engine calls :func:`sample` once per decode step with
-one row per request, each row carrying its own temperature, top-k, top-p and repetition penalty, so
-requests with different settings share one forward pass.
+one row per request, each row carrying its own temperature, top-k, top-p and penalties, so requests with
+different settings share one forward pass.
 
 Randomness comes from one ``torch.Generator`` per request (seeded by the request's ``seed``) that draws
 one uniform number per step on the CPU; the token is then picked by inverse-CDF on the device. A request
@@ -20,6 +20,7 @@ import torch
 __all__ = ["SamplingParams", "make_generator", "sample"]
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # alternatives per position, as vLLM's default max_logprobs
 
 
 @dataclass(frozen=True)
@@ -32,9 +33,14 @@ class SamplingParams:
         top_p: nucleus sampling: keep the smallest set of tokens whose probability reaches top_p. In (0, 1].
         top_k: keep only the k most likely tokens; 0 disables.
         repetition_penalty: HF/CTRL-style penalty on every token already in the prompt or output; 1 disables.
+        presence_penalty: OpenAI's: subtracted from the logit of every token the output already holds. In [-2, 2].
+        frequency_penalty: OpenAI's: subtracted once per earlier occurrence in the output. In [-2, 2].
         stop: strings that end generation; the text is cut just before the first one (not included).
         seed: seeds this request's random stream: same seed + same request = same output.
         ignore_eos: keep going past EOS (benchmarks use it to generate a fixed number of tokens).
+        logprobs: report each generated token's log-probability and this many most likely alternatives
+            (0: the token's only); None: none. In [0, 20].
+        prompt_logprobs: the same for every prompt token after the first (scoring); None: none. In [0, 20].
     """
 
     max_tokens: int = 16
@@ -45,6 +51,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -63,6 +73,15 @@ class SamplingParams:
             raise ValueError(f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _finite(value) or not -2.0 <= value <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
 
 
 def _finite(x: object) -> bool:
@@ -86,6 +105,9 @@ def sample(
     repetition_penalty: torch.Tensor,
     uniforms: torch.Tensor,
     seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    presence_penalty: torch.Tensor | None = None,
+    frequency_penalty: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one token per row, each row with its own settings.
 
@@ -97,6 +119,9 @@ def sample(
         repetition_penalty: (B,) float; 1 disables.
         uniforms: (B,) float in [0, 1): the row's random draw for this step.
         seen: (B, V) bool, tokens already in the row's prompt or output (for the repetition penalty).
+        counts: (B, V) float, how often each token occurs in the row's output so far (for the next two).
+        presence_penalty: (B,) float; 0 disables.
+        frequency_penalty: (B,) float; 0 disables.
 
     Returns:
         (B,) long token ids.
@@ -106,6 +131,7 @@ def sample(
         pen = repetition_penalty[:, None]  # (B, 1)
         penalized = torch.where(logits > 0, logits / pen, logits * pen)
         logits = torch.where(seen, penalized, logits)
+    logits = _presence_frequency(logits, counts, presence_penalty, frequency_penalty)
     greedy_tokens = logits.argmax(dim=-1)  # (B,)
     greedy = temperature <= 0
     if bool(greedy.all()):
@@ -132,3 +158,13 @@ def sample(
     pos = torch.searchsorted(cdf, target, right=True).clamp(max=vocab - 1)  # (B, 1)
     picked = (order.gather(-1, pos) if order is not None else pos).squeeze(-1)
     return torch.where(greedy, greedy_tokens, picked)
+
+
+def _presence_frequency(logits: torch.Tensor, counts: torch.Tensor | None, presence: torch.Tensor | None,
+                        frequency: torch.Tensor | None) -> torch.Tensor:
+    """OpenAI's definition: ``logit -= count * frequency_penalty + (count > 0) * presence_penalty``."""
+    if counts is None or presence is None or frequency is None:
+        return logits
+    if not bool(((presence != 0) | (frequency != 0)).any()):  # the common case costs one check
+        return logits
+    return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]

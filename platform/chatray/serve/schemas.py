@@ -3,12 +3,14 @@
 Imports only pydantic (no Ray, no torch): the ingress validates bodies with these models, the generator
 builds responses with the helpers below, and unit tests use both without Ray.
 
-Request policy (documented in docs/serving.md):
+Request policy (documented in docs/serving.md): nothing is silently ignored.
   * types are strict: ``"temperature": "0.5"`` is a 400, not a silent conversion;
-  * fields chatray does not implement (``logprobs``, ``presence_penalty``, ``tools``, ...) and unknown fields
-    are ignored, as OpenAI clients send many optional fields;
-  * ``n`` must be 1 (anything else is a 400);
-  * extensions beyond OpenAI (as in vLLM): ``top_k``, ``repetition_penalty``, ``ignore_eos``.
+  * a field chatray does not implement (``logit_bias``, ``tools``, ``best_of``, ``suffix``, ...) is a 400 naming
+    it, unless it carries the value that means "off" (``null``, ``"tools": []``, ``"logit_bias": {}``, ...), as
+    clients often send defaults; an unknown field is a 400 naming it too;
+  * harmless fields are accepted: ``user``, ``stream_options``, ``model`` (one model is served);
+  * extensions beyond OpenAI (as in vLLM): ``top_k``, ``repetition_penalty``, ``ignore_eos``, and ``/tokenize``,
+    ``/detokenize`` bodies.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "CompletionRequest",
+    "DetokenizeRequest",
+    "TokenizeRequest",
     "chat_chunk",
     "chat_response",
     "completion_chunk",
@@ -35,6 +39,17 @@ __all__ = [
 
 MAX_STOP = 16
 MAX_SEED = 2**64 - 1
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' logprobs, as OpenAI
+
+# OpenAI fields chatray does not implement, with the values that mean "off": a client sending one of those (or
+# null) asks for nothing chatray leaves undone, so it is accepted; any other value is a 400 naming the field.
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
+    "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},), "store": (False,),
+    "suffix": ("",), "modalities": (["text"],), "service_tier": ("auto", "default"), "metadata": ({},),
+    "tool_calls": ([],), "annotations": ([],),  # in an assistant message a client sends back
+}
 
 
 class APIError(Exception):
@@ -85,7 +100,8 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 # ---------------------------------------------------------------------------------------------- requests
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # Extra fields are kept so that check_fields can name them (400) or accept the ones that mean "off".
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 def _check_unicode(value: str, what: str) -> str:
@@ -127,7 +143,7 @@ class StreamOptions(_Strict):
 
 class _SamplingRequest(_Strict):
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    user: str | None = None  # an end-user id for abuse monitoring: nothing to do with it, nothing lost
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -135,7 +151,9 @@ class _SamplingRequest(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0, allow_inf_nan=False)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=MAX_SEED)
-    n: int = Field(default=1, ge=1)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, allow_inf_nan=False)
+    n: int = Field(default=1, ge=1)  # the upper bound is the app's max_n, checked where it is known
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: keep generating past EOS (benchmarks)
@@ -152,13 +170,6 @@ class _SamplingRequest(_Strict):
             _check_unicode(s, "stop string")
         return v
 
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError(f"only n=1 is supported, got {v}")
-        return v
-
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -168,31 +179,132 @@ class _SamplingRequest(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def check_fields(self) -> None:
+        """Checks across fields (each names its field).
+
+        Raises:
+            APIError: 400.
+        """
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise APIError(400, f"max_tokens ({self.max_tokens}) and max_completion_tokens "
+                           f"({self.max_completion_tokens}) differ: they mean the same, send one",
+                           param="max_completion_tokens", code="invalid_value")
+
 
 class ChatCompletionRequest(_SamplingRequest):
     """``POST /v1/chat/completions`` body."""
 
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def check_fields(self) -> None:
+        super().check_fields()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
 
 
 class CompletionRequest(_SamplingRequest):
-    """``POST /v1/completions`` body: ``prompt`` is a string, a one-element list of strings, or token ids."""
+    """``POST /v1/completions`` body: ``prompt`` is a string or token ids, alone or in a one-element list.
 
-    prompt: str | list[str] | list[int]
+    ``max_tokens: 0`` with ``echo: true`` scores the prompt without generating (how evaluation harnesses use it).
+    """
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _prompt(cls, v: str | list[str] | list[int]) -> str | list[str] | list[int]:
+    def _prompt(cls, v: str | list[str] | list[int] | list[list[int]]) -> str | list[str] | list[int] | list[list[int]]:
         if isinstance(v, list):
             if not v:
                 raise ValueError("must not be empty")
-            if isinstance(v[0], str):
+            if isinstance(v[0], (str, list)):
                 if len(v) != 1:
                     raise ValueError(f"batched prompts are not supported: send one prompt per request, got {len(v)}")
-                _check_unicode(v[0], "prompt")
+                if isinstance(v[0], str):
+                    _check_unicode(v[0], "prompt")
+                elif not v[0]:
+                    raise ValueError("must not be empty")
         else:
             _check_unicode(v, "prompt")
         return v
+
+    def check_fields(self) -> None:
+        super().check_fields()
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens=0 generates nothing: it is for scoring the prompt with echo: true",
+                           param="max_tokens", code="invalid_value")
+
+    def prompt_ids(self) -> list[int] | None:
+        """The prompt's token ids when it was sent as ids, else None."""
+        p = self.prompt
+        if isinstance(p, list) and isinstance(p[0], list):
+            return list(p[0])
+        if isinstance(p, list) and isinstance(p[0], int):
+            return list(p)
+        return None
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize`` body (vLLM's): ``prompt`` as ``/v1/completions`` reads it, or chat ``messages``."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None
+    return_token_strs: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: str | None) -> str | None:
+        return v if v is None else _check_unicode(v, "prompt")
+
+    def check_fields(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "send either prompt or messages", param="prompt" if self.prompt is None
+                           else "messages", code="invalid_value")
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize`` body (vLLM's): token ids back to text."""
+
+    model: str | None = None
+    tokens: list[int]
+
+
+def check_extra_fields(obj: BaseModel, path: str = "") -> None:
+    """Refuse the fields of ``obj`` (and the models inside it) that no model declares.
+
+    Accepted: null, and for a field OpenAI defines that chatray does not implement, the value that means "off"
+    (``_OFF_VALUES``); ``best_of`` equal to ``n``.
+
+    Raises:
+        APIError: 400 naming the first refused field.
+    """
+    for name, value in (obj.model_extra or {}).items():
+        where = f"{path}.{name}" if path else name
+        if value is None or value in _OFF_VALUES.get(name, ()):
+            continue
+        if name == "best_of" and value == getattr(obj, "n", None):
+            continue
+        if name in _OFF_VALUES or name == "best_of":
+            raise APIError(400, f"{where} is not supported by chatray (got {_describe(value)}); leave it out",
+                           param=where, code="unsupported_field")
+        raise APIError(400, f"unknown field {where}: chatray's fields are in docs/serving.md", param=where,
+                       code="unknown_field")
+    for name in type(obj).model_fields:
+        value = getattr(obj, name)
+        items = value if isinstance(value, list) else [value]
+        for i, item in enumerate(items):
+            if isinstance(item, BaseModel):
+                where = f"{path}.{name}" if path else name
+                check_extra_fields(item, f"{where}[{i}]" if isinstance(value, list) else where)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"}
@@ -217,10 +329,11 @@ def _describe(value: Any) -> str:
 
 
 def parse_request(body: bytes, model: type[BaseModel]) -> Any:
-    """Parse and validate a JSON body.
+    """Parse and validate a JSON body: types, ranges, unknown or unsupported fields, checks across fields.
 
     Raises:
-        APIError: 400 naming the field for invalid JSON, a non-object body, wrong types or bad values.
+        APIError: 400 naming the field for invalid JSON, a non-object body, wrong types, bad values, or a field
+            chatray does not implement.
     """
     try:
         data = json.loads(body)
@@ -229,7 +342,7 @@ def parse_request(body: bytes, model: type[BaseModel]) -> Any:
     if not isinstance(data, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
     try:
-        return model.model_validate(data)
+        req = model.model_validate(data)
     except ValidationError as e:
         errors = e.errors(include_url=False)
         # For a union (str | list[str]) pydantic reports one error per member: the deepest is the useful one.
@@ -244,6 +357,10 @@ def parse_request(body: bytes, model: type[BaseModel]) -> Any:
         raise APIError(400, message, param=param, code="invalid_value") from None
     except RecursionError:
         raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
+    check_extra_fields(req)
+    if hasattr(req, "check_fields"):
+        req.check_fields()
+    return req
 
 
 # ---------------------------------------------------------------------------------------------- responses
@@ -256,13 +373,19 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_response(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+def chat_response(rid: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int,
                   completion_tokens: int) -> dict[str, Any]:
-    """A ``chat.completion`` object."""
+    """A ``chat.completion`` object.
+
+    Args:
+        choices: ``{"text", "finish_reason", "logprobs"}`` per choice, in index order (``logprobs``: the
+            ``content`` list, or None).
+    """
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": finish_reason}],
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c["text"]},
+                     "logprobs": None if c.get("logprobs") is None else {"content": c["logprobs"]},
+                     "finish_reason": c["finish_reason"]} for i, c in enumerate(choices)],
         "usage": _usage(prompt_tokens, completion_tokens), "system_fingerprint": None,
     }
 
@@ -277,24 +400,28 @@ def _chunk(obj: str, rid: str, model: str, created: int, choice: dict[str, Any],
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
-               usage: tuple[int, int] | None = None, no_choices: bool = False) -> dict[str, Any]:
+               usage: tuple[int, int] | None = None, no_choices: bool = False, *, index: int = 0,
+               logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A ``chat.completion.chunk`` (the last one, with ``no_choices``, carries only usage)."""
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": index, "delta": delta, "logprobs": None if logprobs is None else {"content": logprobs},
+              "finish_reason": finish_reason}
     return _chunk("chat.completion.chunk", rid, model, created, choice, usage, no_choices)
 
 
-def completion_response(rid: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
+def completion_response(rid: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int,
                         completion_tokens: int) -> dict[str, Any]:
-    """A ``text_completion`` object."""
+    """A ``text_completion`` object (``choices`` as for :func:`chat_response`, ``logprobs`` the legacy dict)."""
     return {
         "id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": i, "text": c["text"], "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]}
+                    for i, c in enumerate(choices)],
         "usage": _usage(prompt_tokens, completion_tokens), "system_fingerprint": None,
     }
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None = None,
-                     usage: tuple[int, int] | None = None, no_choices: bool = False) -> dict[str, Any]:
+                     usage: tuple[int, int] | None = None, no_choices: bool = False, *, index: int = 0,
+                     logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
     """A streamed ``text_completion`` chunk."""
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return _chunk("text_completion", rid, model, created, choice, usage, no_choices)

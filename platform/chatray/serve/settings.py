@@ -73,6 +73,7 @@ class GeneratorSettings:
         batch_wait_timeout_s: how long an idle engine waits to prefill a burst of arrivals together.
         step_delay_s: sleep after each decode step (tests only).
         sampling: defaults for fields a request leaves out.
+        max_n: the most choices (``n``) one request may ask for.
     """
 
     model: ServedModel
@@ -84,6 +85,7 @@ class GeneratorSettings:
     batch_wait_timeout_s: float
     step_delay_s: float
     sampling: SamplingDefaults
+    max_n: int
 
 
 @dataclass(frozen=True)

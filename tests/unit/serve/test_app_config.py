@@ -68,6 +68,7 @@ def test_build_app_names_a_checkpoint_that_is_not_there(tmp_path):
     ({"dtype": "int8"}, "args.dtype"),
     ({"top_p": "high"}, "args.top_p"),
     ({"max_body_bytes": 3 << 20}, "args.max_body_bytes"),  # over what Serve's gRPC hop carries
+    ({"max_n": 0}, "args.max_n"),
 ])
 def test_bad_args_are_named(args, words):
     with pytest.raises(ChatrayError, match=words.replace(".", r"\.")):
@@ -114,7 +115,7 @@ def test_each_deployment_gets_typed_settings_built_from_the_args(tmp_path, monke
     assert args.generator_settings() == GeneratorSettings(
         model=pinned, model_name="tiny-demo", cache_dir=None,
         device="auto", dtype="auto", max_batch_size=16, batch_wait_timeout_s=0.0, step_delay_s=0.0,
-        sampling=sampling)
+        sampling=sampling, max_n=4)
     assert args.ingress_settings() == IngressSettings(api_key="secret", max_body_bytes=1 << 20,
                                                       request_timeout_s=100.0, retry_after_s=1.0)
     monkeypatch.setenv("CHATRAY_API_KEY", "")
@@ -128,7 +129,8 @@ def test_args_left_out_get_the_serve_args_defaults(tiny_checkpoint):
                           run=tiny_checkpoint.parent.name, step=1, eval_loss=5.0),
         model_name=tiny_checkpoint.name, cache_dir=None, device="auto",
         dtype="auto", max_batch_size=16, batch_wait_timeout_s=0.0, step_delay_s=0.0,
-        sampling=SamplingDefaults(max_tokens=256, temperature=0.7, top_p=1.0, top_k=0, repetition_penalty=1.0))
+        sampling=SamplingDefaults(max_tokens=256, temperature=0.7, top_p=1.0, top_k=0, repetition_penalty=1.0),
+        max_n=4)
     assert args.ingress_settings() == IngressSettings(api_key=None, max_body_bytes=1 << 20, request_timeout_s=100.0,
                                                       retry_after_s=1.0)
     assert parse_args(args) is args  # validated once: a ServeArgs passes through as it is

@@ -65,6 +65,33 @@ def test_repetition_penalty_matches_transformers():
     assert ours.tolist() == ref.tolist()
 
 
+def test_presence_and_frequency_penalties_follow_openai_definition():
+    """logit -= count * frequency_penalty + (count > 0) * presence_penalty, per row, before temperature."""
+    logits = torch.randn(3, 30)
+    counts = torch.zeros(3, 30)
+    counts[0, 4], counts[0, 7], counts[1, 4], counts[2, 9] = 3, 1, 2, 5
+    presence, frequency = torch.tensor([0.5, -1.0, 0.0]), torch.tensor([1.5, 0.0, 0.0])
+    want = logits - counts * frequency[:, None] - (counts > 0).float() * presence[:, None]
+    for _ in range(3):  # greedy rows take the argmax of the penalized logits; sampled rows draw from them
+        greedy = sample(logits, **_rows(3, temperature=0.0), uniforms=torch.rand(3), counts=counts,
+                        presence_penalty=presence, frequency_penalty=frequency)
+        assert greedy.tolist() == want.argmax(-1).tolist()
+    g = make_generator(5)
+    u = torch.rand(3, generator=g)
+    got = sample(logits, **_rows(3, temperature=0.8), uniforms=u, counts=counts, presence_penalty=presence,
+                 frequency_penalty=frequency)
+    assert got.tolist() == sample(want, **_rows(3, temperature=0.8), uniforms=u).tolist()
+    # a penalty large enough moves the argmax off a repeated token
+    peaked = torch.zeros(1, 5)
+    peaked[0, 2] = 1.0
+    seen_twice = torch.zeros(1, 5)
+    seen_twice[0, 2] = 2
+    kw = {**_rows(1, temperature=0.0), "uniforms": torch.rand(1), "counts": seen_twice}
+    assert sample(peaked, **kw, presence_penalty=torch.zeros(1), frequency_penalty=torch.zeros(1)).item() == 2
+    assert sample(peaked, **kw, presence_penalty=torch.zeros(1), frequency_penalty=torch.ones(1)).item() != 2
+    assert sample(peaked, **kw, presence_penalty=torch.tensor([1.5]), frequency_penalty=torch.zeros(1)).item() != 2
+
+
 def test_same_seed_same_stream():
     a, b, c = make_generator(7), make_generator(7), make_generator(8)
     ra = [float(torch.rand((), generator=a)) for _ in range(5)]
@@ -79,6 +106,8 @@ def test_same_seed_same_stream():
     ({"temperature": float("nan")}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"top_k": -1}, "top_k"), ({"max_tokens": 0}, "max_tokens"), ({"repetition_penalty": 0}, "repetition_penalty"),
     ({"stop": ("",)}, "stop"), ({"stop": "x"}, "stop"), ({"seed": 1.5}, "seed"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"logprobs": 21}, "logprobs"), ({"prompt_logprobs": -1}, "prompt_logprobs"), ({"logprobs": True}, "logprobs"),
 ])
 def test_params_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
