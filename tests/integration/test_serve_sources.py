@@ -86,6 +86,8 @@ def test_every_replica_serves_the_checkpoint_pinned_at_build(serve_url, tmp_path
     assert {(i["run"], i["step"], i["eval_loss"]) for i in infos.values()} == {("run-p", 1, 5.0)}
     (model,) = httpx.get(f"{serve_url}{prefix}/v1/models", timeout=30).json()["data"]
     assert (model["id"], model["run"], model["step"], model["eval_loss"]) == ("run-p", "run-p", 1, 5.0)
+    reply = httpx.post(f"{serve_url}{prefix}/v1/chat/completions", json=body, timeout=60)
+    assert "x-chatray-chat-template" not in reply.headers  # chatray's own checkpoint carries its template
     assert (model["checkpoint"], model["resolved_checkpoint"], model["kind"]) == (f"{run}:best", str(first),
                                                                                     "checkpoint")
     # A redeploy is what moves it to the newer checkpoint.
@@ -123,8 +125,12 @@ def test_a_plain_folder_and_a_hub_id_are_served_with_chatrays_chat_template(serv
         "my-gpt2", "folder", str(folder), "chatray-default")
     assert (model["run"], model["step"], model["eval_loss"]) == (None, None, None)
     client = openai.OpenAI(base_url=f"{serve_url}{prefix}/v1", api_key="unused", max_retries=0)
-    reply = client.chat.completions.create(model="my-gpt2", messages=messages, max_tokens=8)
-    assert reply.choices[0].message.content == _greedy(folder, messages, 8)
+    raw = client.chat.completions.with_raw_response.create(model="my-gpt2", messages=messages, max_tokens=8)
+    assert raw.headers["x-chatray-chat-template"] == "chatray-default"  # the reply says whose template it used
+    assert raw.parse().choices[0].message.content == _greedy(folder, messages, 8)
+    with httpx.stream("POST", f"{serve_url}{prefix}/v1/chat/completions", timeout=30,
+                      json={"messages": messages, "max_tokens": 2, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["x-chatray-chat-template"] == "chatray-default"
 
     # A hub id, from a cache folder the replicas see through HF_HUB_CACHE (here: the app's runtime_env; on a
     # cluster: the nodes' environment).

@@ -112,7 +112,7 @@ class Generator:
             return {"error": APIError(400, str(e)).to_dict()}
         except self._engine_error as e:
             return {"error": APIError(503, str(e), code="engine_error").to_dict()}
-        return {**result, "model": self._info["id"]}
+        return {**result, "model": self._info["id"], "chat_template": self._info["chat_template"]}
 
     async def generate_stream(self, kind: Literal["chat", "completion"],
                               body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -129,7 +129,8 @@ class Generator:
         except ValueError as e:
             yield {"event": "error", "error": APIError(400, str(e)).to_dict()}
             return
-        yield {"event": "start", "model": self._info["id"], "prompt_tokens": len(plan.prompt_ids)}
+        yield {"event": "start", "model": self._info["id"], "prompt_tokens": len(plan.prompt_ids),
+               "chat_template": self._info["chat_template"]}
         events = self._choices.stream(self._engine, plan, self._formatter)
         completion_tokens = 0
         try:

@@ -102,6 +102,13 @@ async def _running_generators() -> int | None:
         return None
 
 
+def _template_header(kind: str, result: dict[str, Any]) -> dict[str, str]:
+    """A chat reply from a model whose tokenizer has no chat template says that chatray's was used."""
+    if kind == "chat" and result.get("chat_template") == "chatray-default":
+        return {"X-Chatray-Chat-Template": "chatray-default"}
+    return {}
+
+
 # The page talks only to this origin: no CDN, no third-party script can run in it.
 _PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -269,7 +276,7 @@ class Ingress:
         make = chat_response if kind == "chat" else completion_response
         rid = new_id("chatcmpl" if kind == "chat" else "cmpl")
         return JSONResponse(make(rid, result["model"], result["choices"], result["prompt_tokens"],
-                                 result["completion_tokens"]))
+                                 result["completion_tokens"]), headers=_template_header(kind, result))
 
     async def _start_stream(self, kind: str, req: ChatCompletionRequest | CompletionRequest, body: dict[str, Any],
                             deadline: float) -> Response:
@@ -291,7 +298,8 @@ class Ingress:
             events.cancel()
             raise APIError.from_dict(first["error"])
         return StreamingResponse(self._stream_body(kind, events, first, req, deadline),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **_template_header(kind, first)})
 
     async def _stream_body(self, kind: str, events: Any, first: dict[str, Any],
                            req: ChatCompletionRequest | CompletionRequest, deadline: float) -> AsyncIterator[str]:
