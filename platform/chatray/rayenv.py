@@ -14,25 +14,37 @@ Ray that ``chatray serve`` starts in-process run with the same settings.
   gives back Ray's stock data plane. It is an internal Ray Serve setting (the one Ray's documented
   ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` mode turns on), so a unit test checks that the installed Ray still reads
   it. On the gRPC path messages are capped at 4 MiB, hence the 2 MiB cap on ``max_body_bytes``.
+* **Loopback by default**: a Ray that chatray starts on this machine listens on 127.0.0.1 only
+  (:func:`ray_host_env`, :func:`apply_ray_host`), unless ``CHATRAY_RAY_HOST`` names another address: then Ray
+  advertises the machine's IP and its servers listen on every interface (:func:`exposure_warning` says so).
+  docs/operations.md lists what listens where, including the one listener Ray 2.60 keeps on all interfaces.
 * **Forwarded variables**: :data:`FORWARD_PREFIXES` names the driver's settings that Ray workers need to see the
   same storage and hub settings as the driver.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import sys
 from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "FORWARD_PREFIXES",
+    "RAY_HOST_ENV",
     "SERVE_ENV",
+    "WILDCARD_HOSTS",
+    "apply_ray_host",
     "apply_serve_env",
     "connect",
+    "exposure_warning",
     "forwarded_env",
+    "is_loopback",
     "ray_auth_env",
     "ray_auth_headers",
+    "ray_host_env",
     "serve_env",
     "token_file",
     "token_location",
@@ -104,6 +116,68 @@ def apply_serve_env(environ: MutableMapping[str, str] = os.environ) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Where a local Ray listens
+
+RAY_HOST_ENV = "CHATRAY_RAY_HOST"  # the address a Ray that chatray starts advertises; default 127.0.0.1
+
+# Ray's switch between a local-only Ray and one that other machines may join (its default is local-only on macOS
+# and Windows, joinable on Linux). Local-only, Ray gives its node 127.0.0.1 and every server it starts listens
+# there: GCS, raylet, object manager and workers (Ray binds them to 127.0.0.1 exactly when the node's address is
+# 127.0.0.1, else to all interfaces), dashboard, agents, metrics and Ray Client. Joinable, Ray replaces even an
+# explicit 127.0.0.1 (`ray start --node-ip-address`, `ray.init(_node_ip_address=...)`, a RAY_ADDRESS of
+# 127.0.0.1:port) by the machine's IP, so a client of a local-only Ray needs the switch too.
+_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]")  # every interface
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback: ``localhost``, 127.0.0.0/8 or ``::1`` (brackets allowed)."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _address_host(address: str) -> str | None:
+    """The host of a Ray address (``host:port``, ``[v6]:port``, ``ray://host:port``); None for ``auto``/``local``."""
+    rest = address.split("://", 1)[-1].split("/", 1)[0]
+    if rest in ("auto", "local", ""):
+        return None
+    if rest.startswith("["):
+        return rest[1:].split("]", 1)[0]
+    return rest.rsplit(":", 1)[0] if rest.count(":") == 1 else rest
+
+
+def ray_host_env(host: str) -> dict[str, str]:
+    """What makes a Ray started (or reached) with this environment use ``host``: Ray's local-only mode for a
+    loopback host, its joinable mode (every interface, also on macOS) for any other."""
+    return {_CLUSTER_SWITCH: "0" if is_loopback(host) else "1"}
+
+
+def apply_ray_host(host: str, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Put :func:`ray_host_env` of ``host`` into ``environ`` (default: this process's).
+
+    The processes of a Ray started afterwards inherit it. Ray reads the variable when it is imported, so a Ray
+    already imported in this process is told directly.
+    """
+    environ.update(ray_host_env(host))
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and environ is os.environ:
+        # Read by ray._private.services at each call (a unit test checks that the installed Ray still does).
+        constants.ENABLE_RAY_CLUSTER = not is_loopback(host)
+
+
+def exposure_warning(host: str, what: str = "Ray") -> str:
+    """The one line to print when ``what`` is started on a non-loopback ``host``."""
+    return (f"warning: {what} listens on every network interface (address {host}), not on 127.0.0.1 only: "
+            "anyone who can reach this machine can reach it, and token authentication is what protects it")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Workers' environment and connecting
 
 
@@ -116,7 +190,10 @@ def connect(address: str | None = None, *, env_vars: Mapping[str, str] | None = 
             include_dashboard: bool | None = None, log_to_driver: bool = True, quiet: bool = False) -> bool:
     """Connect to the Ray at ``address`` (default ``RAY_ADDRESS``), or start a local one, unless Ray is up here.
 
-    A local Ray gets Serve's data plane (:data:`SERVE_ENV`) in its environment.
+    A local Ray gets Serve's data plane (:data:`SERVE_ENV`) in its environment and listens on 127.0.0.1 only
+    (:func:`apply_ray_host`) unless ``CHATRAY_RAY_HOST`` names another address, which is then warned about. A
+    Ray on a loopback address (or ``auto``) is reached in local-only mode, so that Ray does not swap 127.0.0.1 for
+    the machine's IP, where a local-only cluster does not listen.
 
     Args:
         address: a Ray address; None reads ``RAY_ADDRESS`` and starts a local Ray when that is unset too.
@@ -134,10 +211,18 @@ def connect(address: str | None = None, *, env_vars: Mapping[str, str] | None = 
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"log_to_driver": log_to_driver}
-    if address is None:
+    if address is None or address == "local":
         apply_serve_env()  # reaches Serve only because this ray.init() starts a new local Ray
         if include_dashboard is not None:
             kwargs["include_dashboard"] = include_dashboard
+        host = os.environ.get(RAY_HOST_ENV, "").strip() or "127.0.0.1"
+        apply_ray_host(host)
+        if not is_loopback(host):
+            print(exposure_warning(host), file=sys.stderr, flush=True)
+            if host not in WILDCARD_HOSTS:
+                kwargs["_node_ip_address"] = host
+    elif (host := _address_host(address)) is None or is_loopback(host):
+        apply_ray_host("127.0.0.1")
     if env_vars:
         kwargs["runtime_env"] = {"env_vars": dict(env_vars)}
     if quiet:

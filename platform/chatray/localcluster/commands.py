@@ -19,13 +19,20 @@ __all__ = ["down", "main", "up"]
 
 @click.command()
 @click.option("--num-cpus", type=int, default=None, envvar="CHATRAY_NUM_CPUS", help="CPUs to offer (default: all).")
-def up(num_cpus: int | None) -> None:
+@click.option("--host", default=None, envvar="CHATRAY_RAY_HOST", metavar="ADDRESS",
+              help="Where Ray listens and what it advertises (default 127.0.0.1: this machine only). Any other "
+                   "address (0.0.0.0, or this machine's LAN IP) makes Ray listen on every interface, protected by "
+                   "its auth token: needed for more nodes (docs/operations.md).")
+def up(num_cpus: int | None, host: str | None) -> None:
     """Start a single-node Ray cluster on 127.0.0.1 (token auth on), unless one is running.
 
-    Ray's files go to $CHATRAY_HOME/ray (~/.chatray/ray); ports and dirs follow the CHATRAY_* variables of
-    cluster/local/_env.sh.
+    Every Ray process of it listens on 127.0.0.1 only, unless --host says otherwise. Ray's files go to
+    $CHATRAY_HOME/ray (~/.chatray/ray); ports and dirs follow the CHATRAY_* variables of cluster/local/_env.sh.
     """
-    cluster, started = start_local_cluster(num_cpus=num_cpus, echo=click.echo)
+    cluster = LocalCluster.from_env()
+    if host:
+        cluster.host = host
+    cluster, started = start_local_cluster(cluster, num_cpus=num_cpus, echo=click.echo)
     click.echo(("started" if started else "reusing") + f" Ray at {cluster.address}\n")
     click.echo(describe_cluster(cluster, "chatray down"))
 

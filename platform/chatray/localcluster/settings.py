@@ -58,7 +58,7 @@ class LocalCluster:
 
     gcs_port: int = 6379
     dashboard_port: int = 8265
-    host: str = "127.0.0.1"  # the head binds and advertises this address
+    host: str = "127.0.0.1"  # advertised; loopback keeps every process on it, else all interfaces (0.0.0.0 ok)
     agent_port: int | None = None  # the head's job agent (DEFAULT_AGENT_PORT, else a free port, when None)
     dashboard_host: str = "127.0.0.1"  # dashboard + Jobs API + Serve REST API bind address
     client_port: int | None = None  # Ray Client server, ray:// (DEFAULT_CLIENT_PORT, else a free port, when None)

@@ -1,9 +1,14 @@
 """Starting a local cluster: the head (``ray start --head`` on 127.0.0.1, token auth on, its own temp dir) and
-more worker nodes on the same machine, each marked with :data:`MARKER_ENV` so that stopping finds them all."""
+more worker nodes on the same machine, each marked with :data:`MARKER_ENV` so that stopping finds them all.
+
+On 127.0.0.1 (the default) every process of the cluster listens on loopback only (Ray's local-only mode,
+:func:`chatray.rayenv.ray_host_env`); another ``host`` is an explicit choice to listen on every interface, warned
+about at start. Ray allows more nodes only in that second mode."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -30,7 +35,7 @@ from chatray.localcluster.settings import (
     ray_executable,
 )
 from chatray.localcluster.state import record_cluster, write_env_file
-from chatray.rayenv import serve_env, token_file
+from chatray.rayenv import WILDCARD_HOSTS, exposure_warning, is_loopback, ray_host_env, serve_env, token_file
 
 __all__ = ["add_local_worker", "ray_start_env", "start_local_cluster"]
 
@@ -70,7 +75,8 @@ def _ensure_token(env: Mapping[str, str], echo: Echo) -> None:
 
 def ray_start_env(cluster: LocalCluster, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of ``ray start`` for ``cluster``, which every process of the cluster inherits: token auth
-    on, Serve's data plane settings, this Python first on PATH, the cluster's marker.
+    on, where Ray listens (:func:`~chatray.rayenv.ray_host_env` of ``cluster.host``), Serve's data plane
+    settings, this Python first on PATH, the cluster's marker.
 
     Raises:
         ChatrayError: ``RAY_AUTH_MODE`` asks for anything but token authentication.
@@ -82,6 +88,7 @@ def ray_start_env(cluster: LocalCluster, extra_env: Mapping[str, str] | None = N
                            hint="unset RAY_AUTH_MODE (or set it to token)")
     env["RAY_AUTH_MODE"] = "token"
     env.pop("RAY_ADDRESS", None)
+    env.update(ray_host_env(cluster.host))  # loopback only, unless the cluster's host says otherwise
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = serve_env(env)  # Serve's gRPC data plane, unless the caller's environment says otherwise
     # Job drivers run `python ...` from the raylet's PATH: make that this environment's Python (the venv).
@@ -91,6 +98,37 @@ def ray_start_env(cluster: LocalCluster, extra_env: Mapping[str, str] | None = N
     # Inherited by every process of the cluster: stop_cluster_processes() finds them by it.
     env[MARKER_ENV] = str(cluster.ray_temp_dir)
     return env
+
+
+def _settle_host(cluster: LocalCluster) -> None:
+    """The address Ray's node gets for ``cluster.host``: 127.0.0.1 for any loopback name (Ray binds its gRPC
+    servers to loopback for exactly that address); for a wildcard (0.0.0.0, ::, meaning every interface) the
+    address this machine's default route leaves from, as Ray picks it, since Ray still advertises one.
+
+    Raises:
+        ChatrayError: a wildcard with no such route (offline).
+    """
+    if is_loopback(cluster.host):
+        cluster.host = "127.0.0.1"
+    if cluster.host not in WILDCARD_HOSTS:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("8.8.8.8", 80))  # UDP: only picks the route, sends nothing
+            cluster.host = s.getsockname()[0]
+        except OSError as e:
+            raise ChatrayError(f"cannot tell this machine's network address for host {cluster.host}: "
+                               f"{e.strerror or e}",
+                               hint="name it: CHATRAY_RAY_HOST=<this machine's address>") from None
+
+
+def _warn_if_exposed(cluster: LocalCluster) -> None:
+    """One line on stderr for each part of the cluster that is not on loopback (an explicit choice)."""
+    if not is_loopback(cluster.host):
+        print(exposure_warning(cluster.host, "Ray (GCS, raylets, workers, agents)"), file=sys.stderr, flush=True)
+    if not is_loopback(cluster.dashboard_host):
+        print(exposure_warning(cluster.dashboard_host, "the dashboard (and its Jobs API)"), file=sys.stderr,
+              flush=True)
 
 
 def _check_can_start(cluster: LocalCluster, state: str) -> None:
@@ -156,6 +194,7 @@ def start_local_cluster(cluster: LocalCluster | None = None, num_cpus: int | Non
     cluster = cluster or LocalCluster.from_env()
     if temp_dir is not None:
         cluster.temp_dir = str(temp_dir)
+    _settle_host(cluster)
     env = ray_start_env(cluster, extra_env)
     _ensure_token(env, say)
     state = dashboard_state(cluster)
@@ -170,6 +209,7 @@ def start_local_cluster(cluster: LocalCluster | None = None, num_cpus: int | Non
     temp.mkdir(parents=True, exist_ok=True)
     log = temp / "ray-start.log"
     say(f"starting Ray head on {cluster.address} (dashboard {cluster.dashboard_url}, files in {temp})")
+    _warn_if_exposed(cluster)
     _run_ray_start(_head_command(cluster, num_cpus, num_gpus, ray_args), env, log, what="ray start --head")
     record_cluster(cluster, started_at=time.time(), log=str(log))
     say(f"waiting for the dashboard / Jobs API at {cluster.dashboard_url}")
@@ -219,16 +259,25 @@ def add_local_worker(cluster: LocalCluster | None = None, ray_args: Sequence[str
     """Join one more Ray node (a second raylet on this machine) to the local head.
 
     It uses the head's temp dir and marker, so stopping the cluster stops it too. ``--num-cpus 1`` unless
-    ``ray_args`` says otherwise.
+    ``ray_args`` says otherwise. Ray 2.60 refuses more nodes in its local-only mode, so the head must have been
+    started on another address than loopback (``chatray up --host 0.0.0.0``).
 
     Returns:
         The number of alive nodes once the head lists the new one.
 
     Raises:
-        ChatrayError: when no head answers, ``ray start`` fails, or the head never lists the new node.
+        ChatrayError: when the head is on loopback, no head answers, ``ray start`` fails, or the head never
+            lists the new node.
     """
     say = echo or (lambda _line: None)
     cluster = cluster or LocalCluster.from_env()
+    if is_loopback(cluster.host):
+        raise ChatrayError(f"a second node cannot join the head at {cluster.address}: it listens on loopback only, "
+                           "and Ray accepts more nodes only when it listens on the network",
+                           hint="restart the head on every interface (chatray down; chatray up --host 0.0.0.0, or "
+                                "CHATRAY_RAY_HOST=0.0.0.0 cluster/local/start.sh; token auth protects it), then run "
+                                "add-worker with the same CHATRAY_RAY_HOST")
+    _settle_host(cluster)
     env = ray_start_env(cluster)
     if dashboard_state(cluster) != "ok":
         raise ChatrayError(f"no Ray cluster answers at {cluster.dashboard_url} with this machine's token",
@@ -252,5 +301,5 @@ def add_local_worker(cluster: LocalCluster | None = None, ray_args: Sequence[str
             raise ChatrayError(f"the worker started but the head does not list it after {wait_s:.0f} s",
                                hint=f"see {log}")
         time.sleep(1)
-    say(f"worker node joined: {now} nodes alive (ray status --address {cluster.address})")
+    say(f"worker node joined: {now} nodes alive (source {cluster.env_file}; ray status)")
     return now

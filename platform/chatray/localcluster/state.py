@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from chatray.localcluster.settings import LocalCluster, state_file
-from chatray.rayenv import token_location
+from chatray.rayenv import ray_host_env, token_location
 
 __all__ = [
     "clear_cluster_files",
@@ -73,13 +73,17 @@ def clear_cluster_files(cluster: LocalCluster) -> None:
 
 
 def write_env_file(cluster: LocalCluster) -> Path:
-    """Write :attr:`LocalCluster.env_file`: token auth on and the cluster's addresses, for clients to ``source``."""
+    """Write :attr:`LocalCluster.env_file`: token auth on, the cluster's addresses and Ray's local-only switch (a
+    client without it swaps 127.0.0.1 for the machine's IP, where a loopback cluster does not listen), for clients
+    to ``source``."""
     path = cluster.env_file
     path.parent.mkdir(parents=True, exist_ok=True)
+    switch = "".join(f"export {k}={v}\n" for k, v in ray_host_env(cluster.host).items())
     path.write_text(
         "# Written by chatray (chatray up, cluster/local/start.sh): `source` this file to point Ray's CLIs and SDKs\n"
         "# at the local cluster.\n"
         "export RAY_AUTH_MODE=token\n"
+        f"{switch}"
         f"export RAY_ADDRESS={cluster.address}\n"
         f"export RAY_API_SERVER_ADDRESS={cluster.dashboard_url}\n"
         f"export RAY_DASHBOARD_ADDRESS={cluster.dashboard_url}\n", encoding="utf-8")
@@ -90,7 +94,7 @@ def describe_cluster(cluster: LocalCluster, stop_command: str = "chatray down") 
     """How to reach ``cluster``: address, dashboard, where the token is, the env file for clients, its files."""
     url, temp = cluster.dashboard_url, cluster.ray_temp_dir
     return (
-        f"Ray cluster:   {cluster.address}     (ray status --address {cluster.address})\n"
+        f"Ray cluster:   {cluster.address}     (ray status, after the `source` below)\n"
         f"Dashboard:     {url}   (also the Jobs API and Serve's REST API)\n"
         f"Token auth:    on; the token is in {token_location()} (print it: ray get-auth-token).\n"
         "               The dashboard asks for it in the browser. CLI/SDK clients need RAY_AUTH_MODE=token:\n"

@@ -17,6 +17,7 @@ from chatray.errors import ChatrayError
 from chatray.localcluster import (
     MARKER_ENV,
     LocalCluster,
+    add_local_worker,
     cluster_processes,
     resources_from_env,
     start_local_cluster,
@@ -25,7 +26,8 @@ from chatray.localcluster import (
 )
 from chatray.localcluster.processes import psutil_module
 from chatray.localcluster.settings import state_file
-from chatray.localcluster.state import read_state, record_cluster
+from chatray.localcluster.start import _settle_host, _warn_if_exposed
+from chatray.localcluster.state import read_state, record_cluster, write_env_file
 
 SLEEP = "import time; time.sleep(300)"
 
@@ -224,3 +226,48 @@ def test_start_refuses_a_temp_dir_too_long_for_rays_sockets(home):
     with pytest.raises(ChatrayError, match="too long"):
         start_local_cluster(LocalCluster(gcs_port=free_port(), dashboard_port=free_port(), temp_dir=long_dir))
     assert not Path(long_dir).exists()
+
+
+def test_a_second_node_cannot_join_a_loopback_head(home):
+    """Ray accepts more nodes only when it listens on the network: say so, and how, before running anything."""
+    with pytest.raises(ChatrayError, match="listens on loopback only") as e:
+        add_local_worker(LocalCluster(gcs_port=free_port(), dashboard_port=free_port()))
+    assert "chatray up --host 0.0.0.0" in e.value.hint
+
+
+def test_the_env_file_keeps_clients_of_a_loopback_cluster_on_loopback(home, tmp_path):
+    """A client without Ray's local-only switch swaps 127.0.0.1 for the machine's IP, where nothing listens."""
+    text = write_env_file(LocalCluster(temp_dir=str(tmp_path / "ray"))).read_text()
+    assert "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0\n" in text and "export RAY_ADDRESS=127.0.0.1:6379\n" in text
+    text = write_env_file(LocalCluster(host="192.168.1.5", temp_dir=str(tmp_path / "ray"))).read_text()
+    assert "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1\n" in text and "export RAY_ADDRESS=192.168.1.5:6379\n" in text
+
+
+def test_an_exposed_cluster_is_warned_about_in_one_line_each(capsys):
+    _warn_if_exposed(LocalCluster())
+    assert capsys.readouterr().err == ""  # loopback: nothing to say
+    _warn_if_exposed(LocalCluster(host="192.168.1.5", dashboard_host="0.0.0.0"))
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("warning: ") for line in lines)
+    assert "(address 192.168.1.5)" in lines[0] and "dashboard" in lines[1] and "(address 0.0.0.0)" in lines[1]
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.1.1", "::1"])
+def test_every_loopback_name_becomes_127_0_0_1(host):
+    """Ray binds its gRPC servers to loopback only for a node address of exactly 127.0.0.1."""
+    cluster = LocalCluster(host=host)
+    _settle_host(cluster)
+    assert cluster.host == "127.0.0.1"
+
+
+def test_a_wildcard_host_advertises_this_machines_address():
+    given = LocalCluster(host="192.168.1.5")
+    _settle_host(given)
+    assert given.host == "192.168.1.5"  # an address given is kept
+    cluster = LocalCluster(host="0.0.0.0")
+    try:
+        _settle_host(cluster)
+    except ChatrayError as e:  # a machine without a default route: said, with the way out
+        assert "CHATRAY_RAY_HOST=<this machine's address>" in e.hint
+        return
+    assert cluster.host not in ("0.0.0.0", "127.0.0.1") and cluster.host.count(".") == 3
