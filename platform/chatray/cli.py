@@ -46,7 +46,9 @@ class _Root(click.Group):
 @click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, "--version", prog_name="chatray")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-def cli(debug: bool) -> None:
+@click.option("--verbose", "-v", is_flag=True,
+              help="Show Ray's own output on the terminal (else it goes to a log file).")
+def cli(debug: bool, verbose: bool) -> None:
     """chatray: fine-tune and serve GPT-2 family dialogue models on Ray.
 
     \b
@@ -58,6 +60,8 @@ def cli(debug: bool) -> None:
     """
     if debug:
         os.environ["CHATRAY_DEBUG"] = "1"
+    if verbose:
+        os.environ["CHATRAY_VERBOSE"] = "1"
 
 
 def _attach() -> None:

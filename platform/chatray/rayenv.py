@@ -227,5 +227,12 @@ def connect(address: str | None = None, *, env_vars: Mapping[str, str] | None = 
         kwargs["runtime_env"] = {"env_vars": dict(env_vars)}
     if quiet:
         kwargs.update(configure_logging=True, logging_level="WARNING")
+    from chatray.raylogs import active_output
+
+    output = active_output()
+    if output is not None:
+        output.start()  # before ray.init(): its start-up notices go to the log file too
     ray.init(address=address, **kwargs)
+    if output is not None:
+        output.attach_workers()
     return True

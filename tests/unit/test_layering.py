@@ -18,13 +18,15 @@ PACKAGE = Path(__file__).resolve().parents[2] / "platform" / "chatray"
 LAYERS = {
     "cli": 3, "demo": 3, "__main__": 3,
     "data": 2, "train": 2, "serve": 2, "localcluster": 2,
-    "model": 1, "storage": 1, "rayenv": 1,
+    "model": 1, "storage": 1, "rayenv": 1, "raylogs": 1,
     "config": 0, "errors": 0,
 }
 # Edges between parts of the same layer that the design allows: training reads the dataset format, serving
 # formats chats with the chat template the data was prepared with (for models that bring none), and a model is
-# loaded from a checkpoint URI; config errors are ChatrayErrors. Entry points (layer 3) may call each other.
-ALLOWED_SIDEWAYS = {("train", "data"), ("serve", "data"), ("model", "storage"), ("config", "errors")}
+# loaded from a checkpoint URI; connecting to Ray routes its output (raylogs); config errors are ChatrayErrors.
+# Entry points (layer 3) may call each other.
+ALLOWED_SIDEWAYS = {("train", "data"), ("serve", "data"), ("model", "storage"), ("rayenv", "raylogs"),
+                    ("config", "errors")}
 
 
 def _part(module: str) -> str | None:

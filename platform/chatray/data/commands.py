@@ -32,20 +32,24 @@ def data() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing dataset at --out.")
 @click.option("--num-workers", type=int, default=None, help="Tokenizer tasks at a time (default: the cluster's CPUs).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's own output here too (else it goes to a log file).")
 def prepare(inputs: tuple[str, ...], out: str, demo: bool, fmt: str, tokenizer: str, max_length: int,
             eval_fraction: float, shards: int | None, seed: int, skip_invalid: bool, train_on_all: bool,
-            overwrite: bool, num_workers: int | None, quiet: bool) -> None:
+            overwrite: bool, num_workers: int | None, quiet: bool, verbose: bool) -> None:
     """Turn dialogue files (INPUTS: files, folders, chatterbot:LANG, chatray:founding) into a training dataset."""
     from chatray.data.corpus import DEMO_INPUTS
     from chatray.data.prepare import prepare_dataset
+    from chatray.raylogs import quiet_terminal, set_verbose
 
     if not inputs and not demo:
         raise click.UsageError("give INPUT files/folders, or --demo for the bundled corpus")
+    set_verbose(verbose)
     items = list(inputs) + (DEMO_INPUTS if demo else [])
-    m = prepare_dataset(items, out, fmt=fmt, tokenizer=tokenizer, max_length=max_length,
-                        eval_fraction=eval_fraction, shards=shards, seed=seed, overwrite=overwrite,
-                        skip_invalid=skip_invalid, train_on_all=train_on_all, num_workers=num_workers,
-                        progress=not quiet)
+    with quiet_terminal("data-prepare"):
+        m = prepare_dataset(items, out, fmt=fmt, tokenizer=tokenizer, max_length=max_length,
+                            eval_fraction=eval_fraction, shards=shards, seed=seed, overwrite=overwrite,
+                            skip_invalid=skip_invalid, train_on_all=train_on_all, num_workers=num_workers,
+                            progress=not quiet)
     c = m["counts"]
     click.echo(f"prepared {out}: {c['conversations']:,} conversations -> {c['rows']:,} rows, {c['tokens']:,} tokens "
                f"(train {m['splits']['train']['rows']:,}, eval {m['splits']['eval']['rows']:,})")

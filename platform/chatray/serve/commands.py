@@ -34,8 +34,9 @@ def _parse_args(items: tuple[str, ...]) -> dict:
               help="Override an app arg, e.g. --arg max_batch_size=32 --arg temperature=0 (repeatable).")
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--app-name", default=None, help="Which application of the config to run (default: the first).")
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's own output here too (else it goes to a log file).")
 def serve(checkpoint: str | None, config_path: str | None, host: str | None, port: int | None,
-          extra_args: tuple[str, ...], address: str | None, app_name: str | None) -> None:
+          extra_args: tuple[str, ...], address: str | None, app_name: str | None, verbose: bool) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API (foreground, like `serve run`; Ctrl-C stops).
 
     \b
@@ -43,12 +44,15 @@ def serve(checkpoint: str | None, config_path: str | None, host: str | None, por
       chatray serve --checkpoint .demo/checkpoints/tiny-demo:best
       curl http://127.0.0.1:8000/v1/chat/completions -d '{"messages":[{"role":"user","content":"hi"}]}'
     """
+    from chatray.raylogs import quiet_terminal, set_verbose
     from chatray.serve.launch import serve_foreground
 
     if config_path is None and Path("serve_config.yaml").is_file():
         config_path = "serve_config.yaml"
-    serve_foreground(config_path, checkpoint=checkpoint, host=host, port=port, args=_parse_args(extra_args),
-                     address=address, app_name=app_name)
+    set_verbose(verbose)
+    with quiet_terminal("serve"):
+        serve_foreground(config_path, checkpoint=checkpoint, host=host, port=port, args=_parse_args(extra_args),
+                         address=address, app_name=app_name)
 
 
 def _sampling(temperature: float | None, top_p: float | None, max_tokens: int | None, seed: int | None,

@@ -72,8 +72,8 @@ class Generator:
             # A model trained elsewhere (e.g. the pretrained GPT-2) has none: chatray's is plain text plus EOS,
             # which any GPT-2 tokenizer encodes, and is what a chatray fine-tune of that model learns.
             tokenizer.chat_template, template = CHAT_TEMPLATE, "chatray-default"
-            logger.warning("the tokenizer of %s has no chat template: /v1/chat/completions uses chatray's",
-                           s.model.pinned)
+            logger.warning("[chatray serve] warning: the tokenizer of %s has no chat template: "
+                           "/v1/chat/completions uses chatray's", s.model.pinned)
         self._engine = AsyncEngine(GenerationEngine(model, tokenizer, max_batch_size=s.max_batch_size),
                                    batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s)
         self._tokenizer = tokenizer
@@ -90,7 +90,7 @@ class Generator:
             "loaded_at": int(time.time()), "torch_threads": torch.get_num_threads(),
             "replica": serve.get_replica_context().replica_tag,
         }
-        logger.info("chatray generator ready: %s from %s on %s in %.1fs", s.model_name, local,
+        logger.info("[chatray serve] replica ready: %s from %s on %s in %.1fs", s.model_name, local,
                     self._info["device"], time.perf_counter() - t0)
 
     def _plan(self, kind: str, body: dict[str, Any]):
