@@ -19,6 +19,9 @@
 # (~/.ray/auth_token, created with `ray get-auth-token --generate`, or RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH if you
 # set them). RAY_AUTH_MODE=disabled is refused: there is no switch to turn authentication off.
 #
+# Credentials (AWS_*, HF_TOKEN, CHATRAY_API_KEY): export them before start.sh / add-worker.sh. Every process of
+# the cluster inherits this environment, so jobs and Serve apps need none in their specs (README.md, Credentials).
+#
 # Every process of the cluster carries CHATRAY_LOCAL_CLUSTER=<Ray temp dir> in its environment: stop.sh stops
 # those (and Ray's processes naming that dir, and their children) and nothing else.
 

@@ -19,29 +19,38 @@ Ray that ``chatray serve`` starts in-process run with the same settings.
   advertises the machine's IP and its servers listen on every interface (:func:`exposure_warning` says so).
   docs/operations.md lists what listens where, including the one listener Ray 2.60 keeps on all interfaces.
 * **Forwarded variables**: :data:`FORWARD_PREFIXES` names the driver's settings that Ray workers need to see the
-  same storage and hub settings as the driver.
+  same storage and hub settings as the driver. Secrets (:func:`is_secret`) are never among them: a job's
+  ``runtime_env`` is stored in the GCS and shown by the Jobs API and the dashboard to anyone who can reach them.
+  Credentials reach Ray's processes from where Ray expects them (the environment of ``ray start`` on each node, a
+  Kubernetes Secret, the node's IAM role); ``--env NAME`` forwards one by name, knowingly (:func:`forwarded_env`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
+
+from chatray.errors import ChatrayError
 
 __all__ = [
     "FORWARD_PREFIXES",
     "RAY_HOST_ENV",
+    "SECRET_NAMES",
     "SERVE_ENV",
     "WILDCARD_HOSTS",
     "apply_ray_host",
     "apply_serve_env",
     "connect",
     "exposure_warning",
+    "forward_warning",
     "forwarded_env",
     "is_loopback",
+    "is_secret",
     "ray_auth_env",
     "ray_auth_headers",
     "ray_host_env",
@@ -57,9 +66,22 @@ SERVE_ENV: dict[str, str] = {
     "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
 }
 
-# Storage endpoints and credentials, hub settings and chatray's own settings: workers must see what the
-# driver sees, or a run on S3 or offline hub files behaves differently on a worker than on the driver.
+# Storage endpoints and regions, hub settings and chatray's own settings: workers must see what the driver sees,
+# or a run on S3 or offline hub files behaves differently on a worker than on the driver. Secrets among them are
+# left out (is_secret).
 FORWARD_PREFIXES = ("AWS_", "CHATRAY_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
+
+# Credentials chatray's users are known to set, withheld whatever the name rule below says.
+SECRET_NAMES = frozenset({
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "CHATRAY_API_KEY",
+})
+# A name that says it holds a credential. TOKENIZERS_* (the tokenizers library's settings) merely starts with
+# "TOKEN". A name ending in _FILE/_PATH/_DIR holds where a secret lives, which is no secret
+# (AWS_WEB_IDENTITY_TOKEN_FILE, AWS_SHARED_CREDENTIALS_FILE, HF_TOKEN_PATH).
+_SECRET_WORDS = re.compile(r"KEY|SECRET|TOKEN(?!IZER)|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
+_LOCATION_SUFFIXES = ("_FILE", "_PATH", "_DIR")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,9 +203,47 @@ def exposure_warning(host: str, what: str = "Ray") -> str:
 # Workers' environment and connecting
 
 
-def forwarded_env() -> dict[str, str]:
-    """This process's variables that Ray workers should see too (names starting with :data:`FORWARD_PREFIXES`)."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARD_PREFIXES)}
+def is_secret(name: str) -> bool:
+    """Whether variable ``name`` holds a credential, so that chatray never puts it into a job's or app's spec.
+
+    A secret is a name in :data:`SECRET_NAMES`, or one that contains KEY, SECRET, TOKEN (not TOKENIZER),
+    PASSWORD, PASSWD, CREDENTIAL or AUTH (any case) and does not end in ``_FILE``, ``_PATH`` or ``_DIR``.
+    """
+    if name.upper() in SECRET_NAMES:
+        return True
+    return bool(_SECRET_WORDS.search(name)) and not name.upper().endswith(_LOCATION_SUFFIXES)
+
+
+def forward_warning(name: str) -> str:
+    """The warning shown once for each variable forwarded by name (``--env NAME``)."""
+    return f"{name} is forwarded in the job's runtime_env: visible to anyone who can read the Jobs API/dashboard"
+
+
+def forwarded_env(explicit: Iterable[str] = (), environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables Ray workers should see as this process does: the non-secret ones starting with
+    :data:`FORWARD_PREFIXES`, plus each variable named in ``explicit`` (``--env NAME``), secret or not.
+
+    Args:
+        explicit: variable names to forward whatever they hold; the caller warns with :func:`forward_warning`.
+        environ: where to read them (default: this process's environment).
+
+    Returns:
+        Name -> value, ready for a ``runtime_env``'s ``env_vars``.
+
+    Raises:
+        ChatrayError: a name in ``explicit`` that is not a variable name or is not set here.
+    """
+    environ = os.environ if environ is None else environ
+    out = {k: v for k, v in environ.items() if k.startswith(FORWARD_PREFIXES) and not is_secret(k)}
+    for name in explicit:
+        if not _ENV_NAME.fullmatch(name):
+            raise ChatrayError(f"--env {name!r}: not an environment variable name",
+                               hint="pass the variable's name, e.g. --env HF_TOKEN (its value is read here)")
+        if name not in environ:
+            raise ChatrayError(f"--env {name}: {name} is not set in this environment",
+                               hint=f"export {name} first, or leave it to the nodes' environment")
+        out[name] = environ[name]
+    return out
 
 
 def connect(address: str | None = None, *, env_vars: Mapping[str, str] | None = None,

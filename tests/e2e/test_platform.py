@@ -97,18 +97,20 @@ def _chat_over_http(serve: str, ray_head: dict, env: dict[str, str], port: int) 
                                                       capture_output=True, text=True).stdout
         time.sleep(2)
 
-    # 4. HTTP chat: plain and streaming
+    # 4. HTTP chat: plain and streaming, with the API key the replicas read from the cluster's environment
+    auth = {"Authorization": f"Bearer {ray_head['secrets']['CHATRAY_API_KEY']}"}
     body = {"model": "chatray", "messages": [{"role": "user", "content": "你喜欢什么运动?"}], "temperature": 0.7,
             "max_tokens": 16, "seed": 1}
-    resp = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    resp = httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth, timeout=120)
     assert resp.status_code == 200, resp.text
     out = resp.json()
     assert out["object"] == "chat.completion" and out["choices"][0]["message"]["role"] == "assistant"
     assert 0 < out["usage"]["completion_tokens"] <= 16
-    models = httpx.get(f"{url}/v1/models", timeout=30).json()
+    models = httpx.get(f"{url}/v1/models", headers=auth, timeout=30).json()
     assert "checkpoint_" in json.dumps(models)
     chunks = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as s:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=auth,
+                      timeout=120) as s:
         assert s.status_code == 200
         for line in s.iter_lines():
             if line.startswith("data: "):
@@ -116,5 +118,5 @@ def _chat_over_http(serve: str, ray_head: dict, env: dict[str, str], port: int) 
     assert chunks[-1] == "[DONE]" and len(chunks) >= 2
     first = json.loads(chunks[0])
     assert first["object"] == "chat.completion.chunk"
-    bad = httpx.post(f"{url}/v1/chat/completions", json={**body, "temperature": 5}, timeout=30)
+    bad = httpx.post(f"{url}/v1/chat/completions", json={**body, "temperature": 5}, headers=auth, timeout=30)
     assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]

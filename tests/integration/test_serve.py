@@ -69,9 +69,12 @@ def served(ray_session, tmp_path_factory):
                                        "max_tokens": 16, "max_batch_size": 8, "step_delay_s": 0.01,
                                        "cache_dir": str(root / "cache")}, deployments)
 
-    os.environ["CHATRAY_IT_KEY"] = KEY  # read by build_app in this process (like `chatray serve`)
+    # The replica reads the key from this file itself (the key never travels in the app's args); the session's Ray
+    # started before this test, so a variable set here now would not reach the replica.
+    key_file = root / "api_key"
+    key_file.write_text(KEY + "\n")
     guarded = build_app_with_options(
-        {"checkpoint": str(ckpt_a), "api_key_env": "CHATRAY_IT_KEY", "max_body_bytes": 4096, "step_delay_s": 0.05,
+        {"checkpoint": str(ckpt_a), "api_key_file": str(key_file), "max_body_bytes": 4096, "step_delay_s": 0.05,
          "max_batch_size": 2, "request_timeout_s": 3, "temperature": 0.0},
         {"Ingress": ingress_opts,
          "Generator": {"num_replicas": 1, "ray_actor_options": {"num_cpus": GEN_CPUS}, "max_ongoing_requests": 2,
@@ -85,7 +88,6 @@ def served(ray_session, tmp_path_factory):
         yield {"url": url, "ckpt_a": ckpt_a, "ckpt_b": ckpt_b, "main_app": main_app, "folder_a": folder_a,
                "tok": AutoTokenizer.from_pretrained(folder_a), "serve": serve, "cache": root / "cache"}
     finally:
-        os.environ.pop("CHATRAY_IT_KEY", None)
         HTTP.close()
         serve.shutdown()
 

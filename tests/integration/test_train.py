@@ -36,6 +36,8 @@ SEED = 1
 # normalised over the global batch's target tokens. Only float summation order differs (one batch of 16 vs
 # two of 8 averaged by DDP), which moves the loss by far less than this tolerance.
 TRAJECTORY_RTOL = 1e-3
+# The session's Ray started before the moto server set these, and chatray forwards secrets only by name (`--env`).
+S3_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def _cfg(dataset: str, storage: str, name: str, *extra: str) -> FinetuneConfig:
@@ -59,7 +61,8 @@ def two_workers(tiny_dataset, s3_server, ray_session):
     mp = pytest.MonkeyPatch()
     mp.setenv(FAULT_ENV, "45")  # forwarded to the workers: rank 1 exits hard once after step 45
     try:
-        summary = run_training(_cfg(tiny_dataset, storage, "two", "eval.at_start=true"), progress=False)
+        summary = run_training(_cfg(tiny_dataset, storage, "two", "eval.at_start=true"), progress=False,
+                               forward_env=S3_CREDENTIALS)
     finally:
         mp.undo()
     return f"{storage}/two", summary
@@ -235,7 +238,7 @@ def test_rerun_with_same_name_resumes(two_workers, tiny_dataset, tmp_path):
     # data.cache=false: this run streams the split (read_parquet -> map_batches packing -> repartition) instead
     # of loading it in memory, so both data paths are exercised.
     summary = run_training(_cfg(tiny_dataset, storage, "two", f"train.max_steps={STEPS + 8}", "checkpoint.every=8",
-                                "data.cache=false"), progress=False)
+                                "data.cache=false"), progress=False, forward_env=S3_CREDENTIALS)
     assert summary["step"] == STEPS + 8
     untrained, *recs = read_metrics(run)
     assert untrained["step"] == 0, "the untrained model's eval (eval.at_start) stays first when the run resumes"

@@ -1,5 +1,6 @@
 """What chatray puts into Ray's environment: Serve's data plane settings (defaults that never override what the
-environment says) and where a Ray it starts listens (loopback unless CHATRAY_RAY_HOST says otherwise)."""
+environment says), where a Ray it starts listens (loopback unless CHATRAY_RAY_HOST says otherwise), and the
+variables forwarded to Ray workers (settings yes, secrets only by name)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,38 @@ from pathlib import Path
 
 import pytest
 
+from chatray.errors import ChatrayError
 from chatray.localcluster import LocalCluster
 from chatray.localcluster.start import ray_start_env
 from chatray.rayenv import (
+    SECRET_NAMES,
     SERVE_ENV,
     apply_ray_host,
     apply_serve_env,
     connect,
+    forward_warning,
+    forwarded_env,
     is_loopback,
+    is_secret,
     ray_host_env,
     serve_env,
 )
+
+# A driver's environment: settings workers need, credentials they must get from their own node, and the rest.
+DRIVER_ENV = {
+    "AWS_REGION": "us-west-2", "AWS_DEFAULT_REGION": "us-west-2", "AWS_ENDPOINT_URL": "http://minio:9000",
+    "AWS_PROFILE": "train", "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/eks.amazonaws.com/serviceaccount/token",
+    "AWS_SHARED_CREDENTIALS_FILE": "/etc/aws/credentials", "HF_TOKEN_PATH": "/etc/hf/token",
+    "HF_HOME": "/cache/hf", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    "CHATRAY_CACHE": "/cache/chatray", "CHATRAY_S3_ENDPOINT": "http://minio:9000",
+    # secrets
+    "AWS_ACCESS_KEY_ID": "AKIAFAKE", "AWS_SECRET_ACCESS_KEY": "fake-secret", "AWS_SESSION_TOKEN": "fake-session",
+    "HF_TOKEN": "hf_fake", "CHATRAY_API_KEY": "fake-api-key", "CHATRAY_DB_PASSWORD": "pw", "HF_HUB_TOKEN": "hf_2",
+    "CHATRAY_Auth_Header": "Bearer x", "AWS_CONTAINER_AUTHORIZATION_TOKEN": "t", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+    # not chatray's to forward
+    "PATH": "/usr/bin", "HOME": "/home/me", "GITHUB_TOKEN": "ghp_fake",
+}
 
 
 def test_serve_env_adds_the_defaults_and_keeps_the_callers_values():
@@ -154,3 +176,51 @@ def _fake_ray(monkeypatch) -> list[dict]:
     monkeypatch.delitem(sys.modules, "ray._private.ray_constants", raising=False)
     monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", ""))
     return calls
+def test_workers_get_the_settings_and_none_of_the_secrets():
+    assert forwarded_env(environ=DRIVER_ENV) == {
+        "AWS_REGION": "us-west-2", "AWS_DEFAULT_REGION": "us-west-2", "AWS_ENDPOINT_URL": "http://minio:9000",
+        "AWS_PROFILE": "train", "AWS_EC2_METADATA_DISABLED": "true",
+        # where a credential lives is no secret (the file is read on the worker's own node)
+        "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/eks.amazonaws.com/serviceaccount/token",
+        "AWS_SHARED_CREDENTIALS_FILE": "/etc/aws/credentials", "HF_TOKEN_PATH": "/etc/hf/token",
+        "HF_HOME": "/cache/hf", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",  # TOKENIZER is not TOKEN
+        "CHATRAY_CACHE": "/cache/chatray", "CHATRAY_S3_ENDPOINT": "http://minio:9000",
+    }
+
+
+def test_the_default_is_this_processs_environment(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_fake")
+    monkeypatch.setenv("HF_HOME", "/cache/hf")
+    got = forwarded_env()
+    assert got["HF_HOME"] == "/cache/hf" and "HF_TOKEN" not in got
+
+
+@pytest.mark.parametrize("name", sorted(SECRET_NAMES) + ["hf_token", "aws_secret_access_key", "MY_PASSWD",
+                                                         "SOME_CREDENTIALS", "X_APIKEY", "CHATRAY_OAUTH_CLIENT"])
+def test_known_credentials_and_credential_words_are_secrets(name):
+    assert is_secret(name)
+
+
+@pytest.mark.parametrize("name", ["AWS_REGION", "HF_HOME", "TOKENIZERS_PARALLELISM", "CHATRAY_API_KEY_FILE",
+                                  "AWS_WEB_IDENTITY_TOKEN_FILE", "HF_TOKEN_PATH", "CHATRAY_SECRETS_DIR"])
+def test_settings_and_secret_locations_are_not(name):
+    assert not is_secret(name)
+
+
+def test_env_names_forward_a_secret_knowingly():
+    got = forwarded_env(["HF_TOKEN", "GITHUB_TOKEN"], environ=DRIVER_ENV)
+    assert (got["HF_TOKEN"], got["GITHUB_TOKEN"]) == ("hf_fake", "ghp_fake")
+    assert "AWS_SECRET_ACCESS_KEY" not in got  # only the names given
+    assert forward_warning("HF_TOKEN") == ("HF_TOKEN is forwarded in the job's runtime_env: visible to anyone who "
+                                           "can read the Jobs API/dashboard")
+
+
+@pytest.mark.parametrize(("name", "words"), [
+    ("NOT_SET_ANYWHERE", "--env NOT_SET_ANYWHERE: NOT_SET_ANYWHERE is not set"),
+    ("HF TOKEN", "not an environment variable name"),
+    ("HF_TOKEN=x", "not an environment variable name"),
+])
+def test_env_names_must_be_set_variables(name, words):
+    with pytest.raises(ChatrayError, match=words):
+        forwarded_env([name], environ=DRIVER_ENV)

@@ -10,7 +10,8 @@ Modules (import them directly; this package imports nothing heavy):
     params (and ``/tokenize``), a request's ``n`` choices with echo and logprobs.
   * ``app``, ``settings``, ``generator``, ``ingress``: ``build_app`` (serve_config.yaml's
     ``import_path: chatray.serve.app:build_app``), validating :class:`~chatray.serve.app.ServeArgs` once into the
-    typed settings each deployment receives, and the two Serve deployments.
+    typed settings each deployment receives, and the two Serve deployments; ``apikey``: the API key, read inside
+    the Ingress replica (never an arg).
   * ``launch``, ``client``, ``commands``: ``chatray serve``, ``chatray chat``, ``chatray generate``.
 """
 

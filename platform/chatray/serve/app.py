@@ -34,7 +34,11 @@ class ServeArgs(BaseModel):
                             "Hugging Face model folder, or a hub id from the local HF cache; resolved once per deploy")
     model_name: str | None = Field(None, description="model id reported by /v1/models (default: the run name)")
     cache_dir: str | None = Field(None, description="where replicas copy remote checkpoints (default: the resolver's)")
-    api_key_env: str | None = Field("CHATRAY_API_KEY", description="env var holding the API key; unset/empty = no auth")
+    api_key_env: str | None = Field("CHATRAY_API_KEY",
+                                    description="env var holding the API key in the replicas' environment (that of "
+                                    "`ray start` on each node); unset/empty = no auth")
+    api_key_file: str | None = Field(None, description="absolute path of a file holding the API key on each node; "
+                                     "when set, it is used instead of api_key_env")
     device: str = Field("auto", description="auto (GPU when the replica has one), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="weights dtype")
     max_batch_size: int = Field(16, ge=1, le=1024, description="requests decoded together per replica")
@@ -66,6 +70,14 @@ class ServeArgs(BaseModel):
             raise ValueError(f"must be an environment variable name, got {v!r}")
         return v or None
 
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file(cls, v: str | None) -> str | None:
+        if v is not None and not os.path.isabs(os.path.expanduser(v.strip())):
+            # Replicas run in other directories than the builder: a relative path would name another file.
+            raise ValueError(f"must be an absolute path (or start with ~), got {v!r}")
+        return v.strip() if v else None
+
     def sampling_defaults(self) -> SamplingDefaults:
         """The sampling settings a request gets for the fields it leaves out."""
         return SamplingDefaults(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -91,9 +103,16 @@ class ServeArgs(BaseModel):
             sampling=self.sampling_defaults(), max_n=self.max_n)
 
     def ingress_settings(self) -> IngressSettings:
-        """What the ingress gets; the API key is read from ``api_key_env`` in this process (where the app is built)."""
-        api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        return IngressSettings(api_key=api_key or None, max_body_bytes=self.max_body_bytes,
+        """What the ingress gets: where its replicas read the API key, never the key itself.
+
+        A key that this process (where the app is built) sees in ``api_key_env`` makes the key required: a replica
+        that cannot read one then refuses to start instead of serving without auth.
+        """
+        from chatray.serve.apikey import env_api_key
+
+        required = bool(self.api_key_file) or env_api_key(self.api_key_env) is not None
+        return IngressSettings(api_key_env=self.api_key_env, api_key_file=self.api_key_file,
+                               require_api_key=required, max_body_bytes=self.max_body_bytes,
                                request_timeout_s=self.request_timeout_s, retry_after_s=self.retry_after_s)
 
 

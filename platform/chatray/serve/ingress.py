@@ -34,6 +34,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatray import __version__
+from chatray.serve.apikey import read_api_key
 from chatray.serve.schemas import (
     APIError,
     ChatCompletionRequest,
@@ -136,7 +137,13 @@ class Ingress:
     def __init__(self, generator: Any, settings: IngressSettings) -> None:
         self._generator = generator
         self._s = settings
-        self._key = self._s.api_key.encode("utf-8") if self._s.api_key else None
+        # Read here, in the replica, so the key is never part of the app's spec; refuses to start rather than
+        # serve without a key the builder saw (ChatrayError naming the variable or file, never the value).
+        key = read_api_key(settings)
+        self._key = key.encode("utf-8") if key else None
+        if self._key:
+            source = f"file {settings.api_key_file}" if settings.api_key_file else f"${settings.api_key_env}"
+            logger.info("chatray ingress: requests need an API key (from %s)", source)
         self._model_info: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ helpers

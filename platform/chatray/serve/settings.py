@@ -90,9 +90,21 @@ class GeneratorSettings:
 
 @dataclass(frozen=True)
 class IngressSettings:
-    """What the HTTP ingress needs; ``api_key`` is the secret itself, read where the app is built."""
+    """What the HTTP ingress needs. No secret travels here: the replica reads the API key itself
+    (:func:`chatray.serve.apikey.read_api_key`).
 
-    api_key: str | None
+    Attributes:
+        api_key_env: name of the variable holding the API key in the replica's environment (None: not used).
+        api_key_file: path of a file holding the API key on the replica's node; when set, the only source.
+        require_api_key: the app's builder saw a key, so a replica without one must refuse to start.
+        max_body_bytes: larger request bodies get 413.
+        request_timeout_s: per-request limit (408 after).
+        retry_after_s: ``Retry-After`` seconds when overloaded.
+    """
+
+    api_key_env: str | None
+    api_key_file: str | None
+    require_api_key: bool
     max_body_bytes: int
     request_timeout_s: float
     retry_after_s: float

@@ -33,6 +33,10 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-steps", type=int, help=field_help(FinetuneConfig, "train.max_steps")),
         click.option("--num-workers", type=int, help=field_help(FinetuneConfig, "scaling.num_workers")),
         click.option("--use-gpu/--no-use-gpu", default=None, help=field_help(FinetuneConfig, "scaling.use_gpu")),
+        click.option("--env", "env_names", multiple=True, metavar="NAME",
+                     help="Forward this variable's value to the job's workers (repeatable). It is then visible in "
+                     "the job's runtime_env to anyone who can read the Jobs API/dashboard; secrets are not "
+                     "forwarded otherwise."),
     ]
     for o in reversed(options):
         f = o(f)
@@ -56,7 +60,7 @@ def _overrides(sets: tuple[str, ...], data: str | None, storage: str | None, nam
 @click.pass_context
 def train(ctx: click.Context, config: str | None, sets: tuple[str, ...], data: str | None, storage: str | None,
           name: str | None, max_steps: int | None, num_workers: int | None, use_gpu: bool | None,
-          progress: bool | None) -> None:
+          env_names: tuple[str, ...], progress: bool | None) -> None:
     """Fine-tune a model on a prepared dataset with Ray Train (current cluster via RAY_ADDRESS, else a local one).
 
     \b
@@ -72,7 +76,7 @@ def train(ctx: click.Context, config: str | None, sets: tuple[str, ...], data: s
     from chatray.train.trainer import run_training
 
     cfg = load_config(FinetuneConfig, config, _overrides(sets, data, storage, name, max_steps, num_workers, use_gpu))
-    s = run_training(cfg, progress=progress)
+    s = run_training(cfg, progress=progress, forward_env=env_names)
     click.echo(f"done: {s['run_uri']} at step {s['step']} (loss {s['loss'] or float('nan'):.4f}, eval loss "
                f"{s['eval_loss'] if s['eval_loss'] is not None else float('nan'):.4f}) in {s['seconds']:.0f}s")
     if s["best"]:
@@ -85,13 +89,13 @@ def train(ctx: click.Context, config: str | None, sets: tuple[str, ...], data: s
 @click.option("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265).")
 @click.option("--wait/--no-wait", default=False, help="Stream the job's log until it ends (default: return at once).")
 def submit(config: str | None, sets: tuple[str, ...], data: str | None, storage: str | None, name: str | None,
-           max_steps: int | None, num_workers: int | None, use_gpu: bool | None, address: str | None,
-           wait: bool) -> None:
+           max_steps: int | None, num_workers: int | None, use_gpu: bool | None, env_names: tuple[str, ...],
+           address: str | None, wait: bool) -> None:
     """Submit a fine-tuning run as a Ray job (jobs/finetune.py); prints the job id."""
     from chatray.train.submit import job_client, job_logs, submit_training
 
     job_id = submit_training(config, _overrides(sets, data, storage, name, max_steps, num_workers, use_gpu),
-                             address=address)
+                             address=address, forward_env=env_names)
     click.echo(job_id)
     if wait:
         client = job_client(address)

@@ -5,6 +5,11 @@ and checkpoints) and ships the ``chatray`` package as a ``py_module`` so every w
 relative paths in the config are made absolute first: on a one-node cluster or a shared NFS mount they
 name the same files for the job. Ray 2.60 clusters started with ``ray start --head`` require a token; it
 is read from ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token`` and sent as a bearer token.
+
+The job's ``env_vars`` carry this machine's non-secret settings only (:func:`chatray.rayenv.forwarded_env`): the
+Jobs API and the dashboard show a job's runtime environment to anyone who can reach them, so credentials come
+from the cluster's nodes (``ray start``'s environment, a Kubernetes Secret, an IAM role) unless ``--env NAME``
+forwards one by name.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import os
 import shlex
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,11 +84,19 @@ def job_client(address: str | None = None) -> JobSubmissionClient:
                            "with token auth set RAY_AUTH_TOKEN or ~/.ray/auth_token") from e
 
 
-def runtime_env(root: Path) -> dict[str, Any]:
-    """The job's runtime environment: source tree + ``chatray`` package + forwarded settings."""
+def runtime_env(root: Path, forward_env: Sequence[str] = ()) -> dict[str, Any]:
+    """The job's runtime environment: source tree + ``chatray`` package + forwarded settings.
+
+    Args:
+        root: the source tree (:func:`source_root`).
+        forward_env: variable names forwarded whatever they hold (``--env``), next to the non-secret settings.
+
+    Raises:
+        ChatrayError: a name in ``forward_env`` that is not set here.
+    """
     from chatray.rayenv import forwarded_env
 
-    env = forwarded_env()
+    env = forwarded_env(forward_env)
     return {"working_dir": str(root), "py_modules": [str(root / "platform" / "chatray")],
             "excludes": RUNTIME_ENV_EXCLUDES, "env_vars": env}
 
@@ -100,7 +114,7 @@ def _config_arg(config: str | None, root: Path) -> list[str]:
 
 
 def submit_training(config: str | None, overrides: list[str], *, address: str | None = None,
-                    submission_id: str | None = None) -> str:
+                    submission_id: str | None = None, forward_env: Sequence[str] = ()) -> str:
     """Validate a run locally, then submit ``jobs/finetune.py`` for it; returns at once with the job id.
 
     Args:
@@ -108,15 +122,21 @@ def submit_training(config: str | None, overrides: list[str], *, address: str | 
         overrides: ``KEY=VALUE`` strings, as for ``--set``.
         address: the Ray dashboard (default ``RAY_ADDRESS`` or http://127.0.0.1:8265).
         submission_id: job id to use (default ``chatray-train-<run>-<time>-<random>``).
+        forward_env: variable names to put into the job's ``env_vars`` (``--env``), each with a warning line.
 
     Raises:
-        ChatrayError / ConfigError: bad config, unreachable cluster.
+        ChatrayError / ConfigError: bad config, an unset ``forward_env`` name, unreachable cluster.
     """
     from chatray.config import FinetuneConfig, load_config
+    from chatray.rayenv import forward_warning
+    from chatray.train.console import warn
     from chatray.train.plan import absolute_paths
 
     cfg = absolute_paths(load_config(FinetuneConfig, config, overrides))
     root = source_root()
+    env = runtime_env(root, forward_env)  # an unset name fails here, before the cluster is contacted
+    for name in forward_env:
+        warn(forward_warning(name))
     sets = list(overrides) + [f"data.path={cfg.data.path}", f"run.storage_path={cfg.run.storage_path}"]
     args = ["python", "jobs/finetune.py", *_config_arg(config, root)]
     for s in sets:
@@ -125,7 +145,7 @@ def submit_training(config: str | None, overrides: list[str], *, address: str | 
     client = job_client(address)
     sid = submission_id or f"chatray-train-{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     try:
-        return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(root), submission_id=sid,
+        return client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=sid,
                                  metadata={"chatray_run": cfg.run.name, "chatray_storage": cfg.run.storage_path})
     except Exception as e:
         raise ChatrayError(f"job submission to the Ray cluster failed: {str(e).strip().splitlines()[0]}") from e

@@ -9,11 +9,12 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from chatray.config import FinetuneConfig
 from chatray.errors import ChatrayError
-from chatray.train.console import note
+from chatray.train.console import note, warn
 from chatray.train.plan import RunPlan, plan_run
 
 if TYPE_CHECKING:
@@ -22,8 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["build_trainer", "run_training"]
 
 
-def _worker_env() -> dict[str, str]:
-    """The forwarded variables that Ray workers do not already see with the same value.
+def _worker_env(explicit: Sequence[str] = ()) -> dict[str, str]:
+    """The forwarded variables (non-secret settings plus ``explicit``) that Ray workers do not already see with
+    the same value.
 
     Asking a worker first keeps the runtime environment empty in the common case, so Ray can hand the
     Train workers already-started processes instead of launching new ones (seconds each).
@@ -32,7 +34,7 @@ def _worker_env() -> dict[str, str]:
 
     from chatray.rayenv import forwarded_env
 
-    wanted = forwarded_env()
+    wanted = forwarded_env(explicit)
 
     @ray.remote(num_cpus=0)
     def _seen(keys: list[str]) -> dict[str, str | None]:
@@ -66,11 +68,17 @@ def _cpus_per_worker(cfg: FinetuneConfig) -> float:
     return want
 
 
-def build_trainer(cfg: FinetuneConfig, plan: RunPlan | None = None) -> TorchTrainer:
+def build_trainer(cfg: FinetuneConfig, plan: RunPlan | None = None, *,
+                  forward_env: Sequence[str] = ()) -> TorchTrainer:
     """The Ray Train ``TorchTrainer`` for a run (checks it first unless ``plan`` is given).
 
     Workers run :func:`chatray.train.loop.train_loop_per_worker`; the train split is a Ray Dataset split
     across workers without dropping rows; checkpoints go to ``<storage_path>/<name>/checkpoint_<step>``.
+    Workers get this process's non-secret settings (:func:`chatray.rayenv.forwarded_env`) and the variables
+    named in ``forward_env``; credentials otherwise come from the nodes' own environment.
+
+    Raises:
+        ChatrayError: a name in ``forward_env`` that is not set here.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -83,7 +91,7 @@ def build_trainer(cfg: FinetuneConfig, plan: RunPlan | None = None) -> TorchTrai
 
     if plan is None:
         cfg, plan = plan_run(cfg)
-    connect(env_vars=None if os.environ.get("RAY_ADDRESS") else forwarded_env())
+    connect(env_vars=None if os.environ.get("RAY_ADDRESS") else forwarded_env(forward_env))
     resources: dict[str, float] = {"CPU": _cpus_per_worker(cfg)}
     if cfg.scaling.use_gpu:
         resources["GPU"] = 1
@@ -106,7 +114,7 @@ def build_trainer(cfg: FinetuneConfig, plan: RunPlan | None = None) -> TorchTrai
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep,
                                                          checkpoint_score_attribute="eval_loss",
                                                          checkpoint_score_order="min"),
-            worker_runtime_env={"env_vars": env} if (env := _worker_env()) else None),
+            worker_runtime_env={"env_vars": env} if (env := _worker_env(forward_env)) else None),
         datasets={"train": ds},
         dataset_config=ExactSplitDataConfig(),
     )
@@ -149,28 +157,36 @@ class _Progress:
         bar.close()
 
 
-def run_training(cfg: FinetuneConfig, *, progress: bool | None = None) -> dict[str, Any]:
+def run_training(cfg: FinetuneConfig, *, progress: bool | None = None,
+                 forward_env: Sequence[str] = ()) -> dict[str, Any]:
     """Check, launch and wait for a fine-tuning run on the current Ray cluster (``RAY_ADDRESS``) or a local one.
 
     Args:
         cfg: the run.
         progress: show a progress bar (default: when stderr is a terminal).
+        forward_env: variable names whose values the workers get too (``--env``), each with a warning line:
+            they become part of the job's runtime environment.
 
     Returns:
         ``run_uri``, ``step``, ``latest`` and ``best`` checkpoint URIs, last ``loss`` and ``eval_loss``.
 
     Raises:
-        ChatrayError: bad input (see :func:`plan_run`) or a run that failed after its retries.
+        ChatrayError: bad input (see :func:`plan_run`), an unset ``forward_env`` name, or a run that failed after
+            its retries.
     """
+    from chatray.rayenv import forward_warning, forwarded_env
     from chatray.storage.checkpoints import best_checkpoint, latest_checkpoint
     from chatray.train.metrics import read_metrics
 
+    forwarded_env(forward_env)  # an unset name fails here, before any work
+    for name in forward_env:
+        warn(forward_warning(name))
     cfg, plan = plan_run(cfg)
     run_uri = plan.run_uri
     if plan.start_step:
         note(f"run {cfg.run.name} has a checkpoint at step {plan.start_step}: resuming")
     t0 = time.perf_counter()
-    trainer = build_trainer(cfg, plan)
+    trainer = build_trainer(cfg, plan, forward_env=forward_env)
     show = sys.stderr.isatty() if progress is None else progress
     try:
         with _Progress(run_uri, plan.start_step, cfg.train.max_steps, show):

@@ -32,7 +32,7 @@ import yaml
 import chatray
 from chatray.config import FinetuneConfig, load_config
 from chatray.localcluster import main as localcluster_main
-from chatray.rayenv import SERVE_ENV
+from chatray.rayenv import SERVE_ENV, is_secret
 
 REPO = Path(__file__).resolve().parents[3]
 SCHEMA = Path(__file__).with_name("schemas") / "kuberay_v1.schema.yaml"
@@ -394,6 +394,30 @@ def test_kuberay_ray_containers_get_chatrays_serve_data_plane(path: Path):
         env = {e["name"]: e.get("value") for e in c.get("env", [])}
         assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, c["name"]
         assert env == {"AWS_REGION": "us-west-2", **SERVE_ENV}, c["name"]
+
+
+def _secret_env_vars(runtime_env: dict[str, Any] | None) -> list[str]:
+    return [k for k in ((runtime_env or {}).get("env_vars") or {}) if is_secret(k)]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=_rel)
+def test_kuberay_credentials_come_from_the_secret_never_from_a_job_or_app_spec(path: Path):
+    doc = _load(path)
+    for c in _containers(_cluster_spec(doc)):
+        # Train workers and Serve replicas run in every Ray container: each reads the optional chatray-env Secret.
+        assert c.get("envFrom") == [{"secretRef": {"name": "chatray-env", "optional": True}}], c["name"]
+        assert not [e["name"] for e in c.get("env", []) if is_secret(e["name"])], c["name"]
+    specs = [yaml.safe_load(doc["spec"].get("runtimeEnvYAML") or "{}")]  # the RayJob's job
+    if doc["kind"] == "RayService":
+        specs += [a.get("runtime_env") for a in yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]]
+    assert not [k for spec in specs for k in _secret_env_vars(spec)], "the Jobs API and dashboard show these"
+
+
+@pytest.mark.parametrize(("name", "config"), _serve_configs(), ids=[n for n, _ in _serve_configs()])
+def test_serve_configs_carry_no_secret(name: str, config: dict[str, Any]):
+    for app in config["applications"]:
+        assert not _secret_env_vars(app.get("runtime_env")), f"{name}: Serve's REST API shows the runtime_env"
+        assert app["args"]["api_key_env"] == "CHATRAY_API_KEY", "the key's variable name, read in the replicas"
 
 
 # ---------------------------------------------------------------------------------------------------------------

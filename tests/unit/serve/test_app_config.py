@@ -65,6 +65,7 @@ def test_build_app_names_a_checkpoint_that_is_not_there(tmp_path):
     ({"checkpiont": "x"}, "args.checkpiont: unknown arg"),
     ({"checkpoint": "  "}, "args.checkpoint"),
     ({"api_key_env": "NOT A NAME"}, "args.api_key_env"),
+    ({"api_key_file": "keys/api_key"}, "args.api_key_file: must be an absolute path"),
     ({"dtype": "int8"}, "args.dtype"),
     ({"top_p": "high"}, "args.top_p"),
     ({"max_body_bytes": 3 << 20}, "args.max_body_bytes"),  # over what Serve's gRPC hop carries
@@ -116,10 +117,21 @@ def test_each_deployment_gets_typed_settings_built_from_the_args(tmp_path, monke
         model=pinned, model_name="tiny-demo", cache_dir=None,
         device="auto", dtype="auto", max_batch_size=16, batch_wait_timeout_s=0.0, step_delay_s=0.0,
         sampling=sampling, max_n=4)
-    assert args.ingress_settings() == IngressSettings(api_key="secret", max_body_bytes=1 << 20,
-                                                      request_timeout_s=100.0, retry_after_s=1.0)
+    # The key's whereabouts travel, never the key: seen here, it is required in the replicas.
+    assert args.ingress_settings() == IngressSettings(
+        api_key_env="CHATRAY_API_KEY", api_key_file=None, require_api_key=True, max_body_bytes=1 << 20,
+        request_timeout_s=100.0, retry_after_s=1.0)
+    assert "secret" not in repr(args.ingress_settings())
     monkeypatch.setenv("CHATRAY_API_KEY", "")
-    assert args.ingress_settings().api_key is None  # empty = no auth
+    assert args.ingress_settings().require_api_key is False  # empty = no auth
+
+
+def test_an_api_key_file_is_required_in_the_replicas_and_its_content_never_read_here(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHATRAY_API_KEY", raising=False)
+    missing = tmp_path / "nowhere" / "api_key"  # may exist only on the replicas' nodes
+    settings = parse_args({"checkpoint": "/c", "api_key_file": f" {missing} "}).ingress_settings()
+    assert (settings.api_key_file, settings.require_api_key) == (str(missing), True)
+    assert parse_args({"checkpoint": "/c", "api_key_file": "~/key"}).api_key_file == "~/key"  # the replica's home
 
 
 def test_args_left_out_get_the_serve_args_defaults(tiny_checkpoint):
@@ -131,6 +143,7 @@ def test_args_left_out_get_the_serve_args_defaults(tiny_checkpoint):
         dtype="auto", max_batch_size=16, batch_wait_timeout_s=0.0, step_delay_s=0.0,
         sampling=SamplingDefaults(max_tokens=256, temperature=0.7, top_p=1.0, top_k=0, repetition_penalty=1.0),
         max_n=4)
-    assert args.ingress_settings() == IngressSettings(api_key=None, max_body_bytes=1 << 20, request_timeout_s=100.0,
+    assert args.ingress_settings() == IngressSettings(api_key_env=None, api_key_file=None, require_api_key=False,
+                                                      max_body_bytes=1 << 20, request_timeout_s=100.0,
                                                       retry_after_s=1.0)
     assert parse_args(args) is args  # validated once: a ServeArgs passes through as it is

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,50 @@ def test_submit_builds_entrypoint_with_absolute_paths(tmp_path, monkeypatch):
 def test_unreachable_cluster_is_one_clear_error():
     with pytest.raises(ChatrayError, match=r"cannot reach the Ray Jobs API at http://127\.0\.0\.1:9"):
         submit.job_client("http://127.0.0.1:9")
+
+
+FAKE_SECRETS = {"AWS_SECRET_ACCESS_KEY": "fake-aws-secret-123", "AWS_SESSION_TOKEN": "fake-session-456",
+                "HF_TOKEN": "hf_fake789", "CHATRAY_API_KEY": "fake-api-key-000"}
+
+
+def _submitted_env(monkeypatch, forward_env: tuple[str, ...] = ()) -> dict[str, str]:
+    seen = {}
+
+    class FakeClient:
+        def submit_job(self, **kw):
+            seen.update(kw)
+            return kw["submission_id"]
+
+    monkeypatch.setattr(submit, "job_client", lambda address=None: FakeClient())
+    submit.submit_training(str(REPO / "jobs" / "finetune_tiny.yaml"), [], address="http://127.0.0.1:1",
+                           forward_env=forward_env)
+    return seen["runtime_env"]["env_vars"]
+
+
+def test_the_job_spec_carries_settings_but_no_secrets(monkeypatch, capsys):
+    for k, v in {**FAKE_SECRETS, "AWS_REGION": "eu-west-1", "HF_HOME": "/cache/hf"}.items():
+        monkeypatch.setenv(k, v)
+    env = _submitted_env(monkeypatch)
+    assert (env["AWS_REGION"], env["HF_HOME"]) == ("eu-west-1", "/cache/hf")
+    assert not set(FAKE_SECRETS) & set(env) and not set(FAKE_SECRETS.values()) & set(env.values())
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_env_forwards_a_named_secret_with_one_warning_line(monkeypatch, capsys):
+    for k, v in FAKE_SECRETS.items():
+        monkeypatch.setenv(k, v)
+    env = _submitted_env(monkeypatch, ("HF_TOKEN",))
+    assert env["HF_TOKEN"] == "hf_fake789" and "AWS_SECRET_ACCESS_KEY" not in env
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert warnings == ["[chatray train] warning: HF_TOKEN is forwarded in the job's runtime_env: visible to anyone "
+                        "who can read the Jobs API/dashboard"]
+
+
+def test_env_with_an_unset_name_is_one_clear_error_before_the_cluster_is_asked():
+    env = {k: v for k, v in os.environ.items() if k != "CHATRAY_NOT_SET"}
+    r = subprocess.run([sys.executable, "-m", "chatray.cli", "train", "submit", "--config", "jobs/finetune_tiny.yaml",
+                        "--env", "CHATRAY_NOT_SET", "--address", "http://127.0.0.1:9"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "error: --env CHATRAY_NOT_SET: CHATRAY_NOT_SET is not set in this environment" in r.stderr
+    assert "Traceback" not in r.stderr and "cannot reach" not in r.stderr
