@@ -108,6 +108,8 @@ class QuietOutput:
         """Open the log file, print its path once, and send Ray's loggers and Python warnings there."""
         if self.active or is_verbose():
             return self
+        import ray  # noqa: F401 - Ray adds its terminal handlers when imported: redirect them after that
+
         self.path = new_log_file(self.command)
         self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in stop()
         print(f"{TAG}] Ray's own output goes to {self.path} (--verbose shows it here)", file=sys.stderr, flush=True)
@@ -125,6 +127,12 @@ class QuietOutput:
         dispatcher.remove_handler(_DISPATCHER_HANDLER)
         dispatcher.add_handler(_DISPATCHER_HANDLER, self._worker_lines)
         self._redirect_loggers()  # loggers Ray configured while starting (Train, Data, Serve)
+
+    def split(self, lines: list[str]) -> list[str]:
+        """Write ``lines`` (e.g. a job's log) to the file; returns the ones for the terminal (all when inactive)."""
+        if self._file is None:
+            return list(lines)
+        return filter_log_lines(lines, self._file)
 
     def stop(self) -> None:
         """Put Ray's loggers and Python's warnings back and close the file."""
@@ -176,7 +184,7 @@ class QuietOutput:
             return
         who = data.get("actor_name") or data.get("task_name") or "worker"
         prefix = f"({who} pid={data.get('pid')}) "
-        shown = filter_log_lines([prefix + line for line in data.get("lines", [])], self._file)
+        shown = self.split([prefix + line for line in data.get("lines", [])])
         if shown:
             sink = sys.stderr if data.get("is_err") else sys.stdout
             sink.write("".join(s + "\n" for s in shown))

@@ -71,3 +71,30 @@ def test_submit_status_logs_with_token_auth(ray_head, tmp_path):
     assert lg.returncode == 0 and f"step {steps}/{steps}" in lg.stdout
     ls = _chatray(env, "train", "list", "--storage", str(storage), "--address", address)
     assert ls.returncode == 0 and "submit-e2e" in ls.stdout and job_id in ls.stdout
+
+
+def test_submit_wait_shows_chatrays_lines_and_logs_the_rest(ray_head, tmp_path):
+    """`--wait` streams the job: on the terminal only chatray's lines; the job's whole log in a file it names."""
+    from train_helpers import make_dataset
+
+    env = {k: v for k, v in ray_head["env"].items() if k != "RAY_ADDRESS"}
+    env["CHATRAY_LOG_DIR"] = str(tmp_path / "logs")
+    env.pop("CHATRAY_VERBOSE", None)
+    steps = min(4, ray_head["fault_step"] - 1)
+    data = make_dataset(tmp_path / "data", n_train=100, n_eval=16, max_length=64)
+    res = _chatray(env, "train", "submit", "--config", "jobs/finetune_tiny.yaml", "--data", str(data),
+                   "--storage", str(tmp_path / "ckpts"), "--name", "quiet-e2e", "--max-steps", str(steps),
+                   "--address", ray_head["dashboard"], "--wait", "--set", "model.n_layer=1", "--set",
+                   "model.n_embd=32", "--set", "model.n_head=2", "--set", "train.micro_batch_size=8",
+                   "--set", "train.log_every=2", "--set", "scaling.cpus_per_worker=0.5")
+    assert res.returncode == 0, res.stderr
+    out, err = res.stdout.splitlines(), res.stderr.splitlines()
+    job_id = out[0]
+    assert all(line.startswith("[chatray train] ") for line in out[1:]), out
+    assert f"[chatray train] step {steps}/{steps}" in "\n".join(out)
+    (log_file,) = (tmp_path / "logs").glob("train-submit-*.log")
+    assert err == [f"[chatray] Ray's own output goes to {log_file} (--verbose shows it here)",
+                   f"job {job_id}: SUCCEEDED"], err
+    whole = log_file.read_text()
+    assert "summary: " in whole and "(RayTrainWorker pid=" in whole  # Ray's lines are kept there
+    assert "working_dir" in whole  # and the notices of the source upload

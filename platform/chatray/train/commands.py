@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from chatray.config import FinetuneConfig, field_help
+from chatray.raylogs import QuietOutput, quiet_terminal, set_verbose
 
 __all__ = ["train"]
 
@@ -57,10 +58,11 @@ def _overrides(sets: tuple[str, ...], data: str | None, storage: str | None, nam
 @click.group(invoke_without_command=True)
 @_run_options
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@click.option("--verbose", "-v", is_flag=True, help="Show Ray's own output here too (else it goes to a log file).")
 @click.pass_context
 def train(ctx: click.Context, config: str | None, sets: tuple[str, ...], data: str | None, storage: str | None,
           name: str | None, max_steps: int | None, num_workers: int | None, use_gpu: bool | None,
-          env_names: tuple[str, ...], progress: bool | None) -> None:
+          env_names: tuple[str, ...], progress: bool | None, verbose: bool) -> None:
     """Fine-tune a model on a prepared dataset with Ray Train (current cluster via RAY_ADDRESS, else a local one).
 
     \b
@@ -70,13 +72,15 @@ def train(ctx: click.Context, config: str | None, sets: tuple[str, ...], data: s
       chatray train submit --config jobs/finetune_gpt2.yaml --address http://HEAD:8265
       chatray train status tiny-demo
     """
+    set_verbose(verbose)
     if ctx.invoked_subcommand is not None:
         return
     from chatray.config import load_config
     from chatray.train.trainer import run_training
 
     cfg = load_config(FinetuneConfig, config, _overrides(sets, data, storage, name, max_steps, num_workers, use_gpu))
-    s = run_training(cfg, progress=progress, forward_env=env_names)
+    with quiet_terminal("train"):
+        s = run_training(cfg, progress=progress, forward_env=env_names)
     click.echo(f"done: {s['run_uri']} at step {s['step']} (loss {s['loss'] or float('nan'):.4f}, eval loss "
                f"{s['eval_loss'] if s['eval_loss'] is not None else float('nan'):.4f}) in {s['seconds']:.0f}s")
     if s["best"]:
@@ -88,26 +92,44 @@ def train(ctx: click.Context, config: str | None, sets: tuple[str, ...], data: s
 @_run_options
 @click.option("--address", help="Ray dashboard address (default: RAY_ADDRESS or http://127.0.0.1:8265).")
 @click.option("--wait/--no-wait", default=False, help="Stream the job's log until it ends (default: return at once).")
+@click.option("--verbose", "-v", is_flag=True,
+              help="With --wait, show the job's whole log (else chatray's lines, and the rest in a log file).")
 def submit(config: str | None, sets: tuple[str, ...], data: str | None, storage: str | None, name: str | None,
            max_steps: int | None, num_workers: int | None, use_gpu: bool | None, env_names: tuple[str, ...],
-           address: str | None, wait: bool) -> None:
+           address: str | None, wait: bool, verbose: bool) -> None:
     """Submit a fine-tuning run as a Ray job (jobs/finetune.py); prints the job id."""
-    from chatray.train.submit import job_client, job_logs, submit_training
+    from chatray.train.submit import job_client, submit_training
 
-    job_id = submit_training(config, _overrides(sets, data, storage, name, max_steps, num_workers, use_gpu),
-                             address=address, forward_env=env_names)
-    click.echo(job_id)
-    if wait:
-        client = job_client(address)
-        for chunk in job_logs(client, job_id, follow=True):
-            click.echo(chunk, nl=False)
-        status = client.get_job_status(job_id)
-        click.echo(f"job {job_id}: {status}", err=True)
-        if str(status) != "SUCCEEDED" and getattr(status, "value", "") != "SUCCEEDED":
-            raise SystemExit(1)
-    else:
+    set_verbose(verbose)
+    with quiet_terminal("train-submit") as out:
+        out.start()  # the upload of the source tree logs through Ray's loggers
+        job_id = submit_training(config, _overrides(sets, data, storage, name, max_steps, num_workers, use_gpu),
+                                 address=address, forward_env=env_names)
+        click.echo(job_id)
+        if wait:
+            client = job_client(address)
+            _follow_job(client, job_id, out)
+            status = client.get_job_status(job_id)
+            click.echo(f"job {job_id}: {status}", err=True)
+            if str(status) != "SUCCEEDED" and getattr(status, "value", "") != "SUCCEEDED":
+                raise SystemExit(1)
+    if not wait:
         click.echo(f"follow it: chatray train logs {name or '<run>'} --address {address or '$RAY_ADDRESS'} --follow",
                    err=True)
+
+
+def _follow_job(client: Any, job_id: str, out: QuietOutput) -> None:
+    """Print the job's log as it comes: with a quiet terminal, chatray's lines (and errors) only, the whole log
+    going to the log file."""
+    from chatray.train.submit import job_logs
+
+    pending = ""
+    for chunk in job_logs(client, job_id, follow=True):
+        *lines, pending = (pending + chunk).split("\n")
+        for line in out.split(lines):
+            click.echo(line)
+    for line in out.split([pending] if pending else []):
+        click.echo(line)
 
 
 def _storage(storage: str | None, config: str | None) -> str:
