@@ -171,3 +171,28 @@ def test_chat_page_is_self_contained(page_url):
     assert 'content="/page"' in r.text  # the route prefix the page calls /v1 under
     assert "http://" not in r.text and "https://" not in r.text, "no CDN or other origin"
     json.dumps(r.text)  # plain text, decodes
+
+
+def test_chat_page_asks_for_the_api_key_when_auth_is_on(browser, page_url, tmp_path):
+    from ray import serve
+
+    from chatray.serve.app import build_app_with_options
+
+    key_file = tmp_path / "api-key"
+    key_file.write_text("page-key-123\n")
+    app = build_app_with_options(
+        {"checkpoint": str(page_url["folder"]), "api_key_file": str(key_file)},
+        {"Ingress": {"ray_actor_options": {"num_cpus": 0.05}},
+         "Generator": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.1}}})
+    serve.run(app, name="locked", route_prefix="/locked")
+    d = browser
+    d.get(page_url["url"].replace("/page", "/locked"))
+    wait_for(lambda: d.find_element("id", "keybox").is_displayed(), timeout=30, what="the API key field")
+    assert d.find_element("id", "model").text == "this endpoint needs an API key"
+    d.find_element("id", "api_key").send_keys("page-key-123")
+    d.find_element("id", "temperature").click()  # leaving the field fires its change event
+    wait_for(lambda: "step 1" in d.find_element("id", "model").text, timeout=30, what="the model line")
+    _set(d, "max_tokens", "3")
+    _say(d, "hello")
+    wait_for(lambda: _last_reply(d)[1] == "done", timeout=60, what="a reply with the key")
+    serve.delete("locked")
