@@ -9,6 +9,7 @@ STAMP  := $(VENV)/.chatray-installed
 TORCH_CPU ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
+VERBOSE ?=
 
 .PHONY: setup demo test test-unit test-integration test-e2e test-stock-serve down bench lint clean
 
@@ -30,8 +31,9 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 	@echo "==> environment ready: $$($(BIN)/chatray --version)"
 
+# `make demo VERBOSE=1` prints Ray's own output too (else it goes to log files whose paths are printed).
 demo: $(STAMP)
-	@$(BIN)/python -m chatray.demo
+	@CHATRAY_VERBOSE=$(VERBOSE) $(BIN)/python -m chatray.demo
 
 down: $(STAMP)
 	@$(BIN)/chatray down
