@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.chatray-installed
 TORCH_CPU ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
-VERBOSE ?=
+VERBOSE ?= $(CHATRAY_VERBOSE)
 
 .PHONY: setup demo test test-unit test-integration test-e2e test-stock-serve down bench lint clean
 
