@@ -9,7 +9,7 @@ import psutil
 import pytest
 from support.ports import free_port
 from support.serve_probe import probe_running
-from support.sockets import exposed_listeners, listeners, report
+from support.sockets import assert_loopback_only, listeners
 
 pytestmark = pytest.mark.integration
 
@@ -24,11 +24,4 @@ def test_a_ray_that_connect_starts_listens_on_loopback_only():
         root = psutil.Process(driver.pid)
         procs = [root, *root.children(recursive=True)]
         found = listeners(procs)
-    names = {item.name for item in found}
-    assert {"gcs_server", "raylet"} <= names, f"not the processes of a local Ray:\n{report(found)}"
-    replicas = {item.pid for item in found if item.name.startswith("ray::ServeReplica:")}
-    assert len(replicas) == 2 and any(n.startswith("ray::ProxyActor") for n in names), report(found)
-    exposed, tolerated = exposed_listeners(found)
-    assert not exposed, ("listening on a non-loopback address:\n" + report(exposed)
-                         + "\n\nall listeners:\n" + report(found))
-    assert {t.pid for t in tolerated} <= replicas  # Ray 2.60's replica gRPC server, one per replica at most
+    assert_loopback_only(found, serve_replicas=2)

@@ -80,3 +80,16 @@ def exposed_listeners(found: Iterable[Listener]) -> tuple[list[Listener], list[L
 def report(found: Iterable[Listener]) -> str:
     """All listeners, one a line, for a failure message."""
     return "\n".join(f"  {item}" for item in sorted(found, key=lambda x: (x.name, x.pid, x.port)))
+
+
+def assert_loopback_only(found: list[Listener], serve_replicas: int) -> None:
+    """The listeners of a local Ray running a Serve app: a real Ray (GCS, raylet, proxy, ``serve_replicas``
+    replicas), and none on a non-loopback address but Ray 2.60's one per replica."""
+    names = {item.name for item in found}
+    assert {"gcs_server", "raylet"} <= names, f"not the processes of a local Ray:\n{report(found)}"
+    replicas = {item.pid for item in found if item.name.startswith("ray::ServeReplica:")}
+    assert len(replicas) == serve_replicas and any(n.startswith("ray::ProxyActor") for n in names), report(found)
+    exposed, tolerated = exposed_listeners(found)
+    assert not exposed, ("listening on a non-loopback address:\n" + report(exposed)
+                         + "\n\nall listeners:\n" + report(found))
+    assert {t.pid for t in tolerated} <= replicas  # Ray 2.60's replica gRPC server, one per replica at most
