@@ -8,8 +8,9 @@ groups, Ray Data's execution plans, Serve's access logs). chatray's own lines ca
 (``CHATRAY_LOG_DIR``), whose path it prints once. ``--verbose`` (``CHATRAY_VERBOSE=1``) leaves Ray's output as
 Ray prints it.
 
-Worker output reaches the driver through Ray's stdstream dispatcher (an internal of ``ray._private.worker``; a
-unit test checks that the installed Ray still has it).
+Worker output reaches the driver through Ray's stdstream dispatcher, and Ray's error messages through its
+printing functions (internals of ``ray._private.worker``; a unit test checks that the installed Ray still has
+them).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ VERBOSE_ENV = "CHATRAY_VERBOSE"
 _KEEP_LOGS = 30  # newest log files kept per folder
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _DISPATCHER_HANDLER = "ray_print_logs"
+_RAY_PRINTERS = ("print_to_stdstream", "print_worker_logs")  # module functions of ray._private.worker
 
 
 def set_verbose(on: bool = True) -> None:
@@ -99,6 +101,8 @@ class QuietOutput:
         self._file: TextIO | None = None
         self._moved: list[tuple[logging.Logger, logging.Handler]] = []
         self._showwarning: Any = None
+        self._printers: dict[str, Any] = {}
+        self._handlers: list[tuple[str, Any]] = []
 
     @property
     def active(self) -> bool:
@@ -122,10 +126,17 @@ class QuietOutput:
         """After ``ray.init()``: workers' output lines go through :meth:`_worker_lines` instead of Ray's printer."""
         if not self.active:
             return
-        from ray._private.worker import global_worker_stdstream_dispatcher as dispatcher
+        from ray._private import worker as ray_worker
 
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        self._handlers = [h for h in dispatcher.handlers if h[0] == _DISPATCHER_HANDLER]
         dispatcher.remove_handler(_DISPATCHER_HANDLER)
         dispatcher.add_handler(_DISPATCHER_HANDLER, self._worker_lines)
+        # Ray's error channel ("Task ... failed, will be retried") and the lines its de-duplicator holds back
+        # until shutdown are printed by these two functions directly, not through the dispatcher.
+        self._printers = {name: getattr(ray_worker, name) for name in _RAY_PRINTERS}
+        ray_worker.print_to_stdstream = lambda data, *args, **kwargs: self._worker_lines(data)
+        ray_worker.print_worker_logs = lambda data, *args, **kwargs: self._worker_lines(data)
         self._redirect_loggers()  # loggers Ray configured while starting (Train, Data, Serve)
 
     def split(self, lines: list[str]) -> list[str]:
@@ -143,6 +154,16 @@ class QuietOutput:
                 if getattr(h, "_chatray_quiet", False):
                     logger.removeHandler(h)
         self._moved.clear()
+        if self._printers:
+            from ray._private import worker as ray_worker
+
+            for name, fn in self._printers.items():
+                setattr(ray_worker, name, fn)
+            self._printers = {}
+            # A Ray that outlives the command (a notebook's) prints its workers' lines as before.
+            ray_worker.global_worker_stdstream_dispatcher.remove_handler(_DISPATCHER_HANDLER)
+            for name, handler in self._handlers:
+                ray_worker.global_worker_stdstream_dispatcher.add_handler(name, handler)
         if self._showwarning is not None:
             warnings.showwarning, self._showwarning = self._showwarning, None
         if self._file is not None:
