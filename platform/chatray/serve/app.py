@@ -97,10 +97,14 @@ class ServeArgs(BaseModel):
 
         model = resolve_served_model(self.checkpoint)
         return GeneratorSettings(
-            model=model, model_name=self.model_name or model_name_from_checkpoint(model.requested),
+            model=model, model_name=self.served_model_name(),
             cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, max_batch_size=self.max_batch_size,
             batch_wait_timeout_s=self.batch_wait_timeout_s, step_delay_s=self.step_delay_s,
             sampling=self.sampling_defaults(), max_n=self.max_n)
+
+    def served_model_name(self) -> str:
+        """The id ``/v1/models`` reports: ``model_name``, else the checkpoint's run name."""
+        return self.model_name or model_name_from_checkpoint(self.checkpoint)
 
     def ingress_settings(self) -> IngressSettings:
         """What the ingress gets: where its replicas read the API key, never the key itself.
@@ -113,7 +117,8 @@ class ServeArgs(BaseModel):
         required = bool(self.api_key_file) or env_api_key(self.api_key_env) is not None
         return IngressSettings(api_key_env=self.api_key_env, api_key_file=self.api_key_file,
                                require_api_key=required, max_body_bytes=self.max_body_bytes,
-                               request_timeout_s=self.request_timeout_s, retry_after_s=self.retry_after_s)
+                               request_timeout_s=self.request_timeout_s, retry_after_s=self.retry_after_s,
+                               model_name=self.served_model_name())
 
 
 def model_name_from_checkpoint(uri: str) -> str:

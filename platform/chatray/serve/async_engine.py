@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from chatray.serve.engine import Completion, EngineError, GenerationEngine, StepOutput, gather_outputs
+from chatray.serve.metrics import EngineMetrics
 from chatray.serve.sampling import SamplingParams
 
 __all__ = ["AsyncEngine"]
@@ -34,10 +35,13 @@ class AsyncEngine:
         batch_wait_timeout_s: when the engine is idle and a request arrives, wait this long for others to
             arrive so that they are prefilled together (later arrivals join the running batch anyway).
         step_delay_s: sleep after every step. Testing only: makes timing-dependent tests deterministic.
+        metrics: where requests' timings and the steps' counts go (None: nowhere).
     """
 
-    def __init__(self, engine: GenerationEngine, *, batch_wait_timeout_s: float, step_delay_s: float) -> None:
+    def __init__(self, engine: GenerationEngine, *, batch_wait_timeout_s: float, step_delay_s: float,
+                 metrics: EngineMetrics | None = None) -> None:
         self.engine = engine
+        self._metrics = metrics
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.step_delay_s = step_delay_s
         # request id -> (its event loop, its queue, outputs gathered here for whole-reply requests or None)
@@ -71,9 +75,12 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         with self._streams_lock:
             self._streams[rid] = (asyncio.get_running_loop(), queue, [] if whole else None)
-        finished = False
+        finished = queued = False
         try:
+            if self._metrics is not None:
+                self._metrics.arrived(rid)
             self.engine.add_request(rid, prompt_ids, params)
+            queued = True
             self._wake.set()
             while True:
                 item = await queue.get()
@@ -91,6 +98,8 @@ class AsyncEngine:
             if not finished:
                 self.engine.abort_request(rid)
                 self._wake.set()
+            if self._metrics is not None and not finished:  # a refused request never ran: it counts nowhere
+                (self._metrics.aborted if queued else self._metrics.forget)(rid)
 
     async def generate(self, prompt_ids: Sequence[int], params: SamplingParams,
                        request_id: str | None = None) -> Completion:
@@ -136,20 +145,29 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stop.is_set():
             if not self.engine.has_unfinished():
+                if self._metrics is not None:
+                    self._metrics.idle()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
             if self.engine.num_running() == 0 and self.batch_wait_timeout_s > 0:
                 time.sleep(self.batch_wait_timeout_s)  # gather a burst of arrivals into one prefill
+            started = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception as e:  # noqa: BLE001 - fail the in-flight requests, keep serving
                 logger.exception("engine step failed")
                 self.last_error = f"{type(e).__name__}: {e}"
                 err = EngineError(f"generation failed: {type(e).__name__}: {e}")
-                for rid in self.engine.fail_all():
+                failed = self.engine.fail_all()
+                if self._metrics is not None:
+                    self._metrics.failed(failed)
+                for rid in failed:
                     self._deliver(rid, err)
                 continue
+            if self._metrics is not None:
+                self._metrics.step(started, outputs, self.engine.num_running(), self.engine.num_waiting(),
+                                   self.engine.kv_cache_usage())
             for out in outputs:
                 self._deliver(out.request_id, out)
             if self.step_delay_s > 0:

@@ -197,6 +197,12 @@ class GenerationEngine:
         with self._lock:
             return len(self._waiting)
 
+    def kv_cache_usage(self) -> float:
+        """The share of the cache's capacity (max_batch_size rows x context positions) the batch holds, padding
+        included, as vLLM's kv_cache_usage_perc counts allocated blocks; call it between steps (step thread)."""
+        rows, width = self._mask.shape if self._mask is not None else (0, 0)
+        return rows * width / (self.max_batch_size * self.context_length)
+
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:

@@ -60,6 +60,7 @@ class Generator:
         from chatray.serve.async_engine import AsyncEngine
         from chatray.serve.engine import EngineError, GenerationEngine
         from chatray.serve.logprobs import LogprobFormatter
+        from chatray.serve.metrics import EngineMetrics, ray_sink
         from chatray.serve.source import fetch_served_model
 
         s, t0 = settings, time.perf_counter()
@@ -74,8 +75,10 @@ class Generator:
             tokenizer.chat_template, template = CHAT_TEMPLATE, "chatray-default"
             logger.warning("[chatray serve] warning: the tokenizer of %s has no chat template: "
                            "/v1/chat/completions uses chatray's", s.model.pinned)
+        # vLLM's series on Ray's metrics endpoint, labelled with the model and (by Serve) this replica.
         self._engine = AsyncEngine(GenerationEngine(model, tokenizer, max_batch_size=s.max_batch_size),
-                                   batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s)
+                                   batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s,
+                                   metrics=EngineMetrics(ray_sink(s.model_name)))
         self._tokenizer = tokenizer
         self._defaults, self._max_n = s.sampling, s.max_n
         self._choices, self._prompting, self._engine_error = choices, prompting, EngineError

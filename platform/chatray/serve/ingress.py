@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatray import __version__
 from chatray.serve.apikey import read_api_key
+from chatray.serve.metrics import rejection_counter
 from chatray.serve.schemas import (
     APIError,
     ChatCompletionRequest,
@@ -70,8 +71,27 @@ def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+# The one place rejections are counted (request_rejected{status, reason}): every error status the ingress answers
+# is an APIError that reaches _api_error, or one sent in-band in a stream. Installed when the Ingress replica starts
+# (the exception handlers are module-level, and each replica is a process of its own).
+_count_rejection = None
+
+
+def _install_rejection_counter(model_name: str) -> None:
+    # A module function, not a `global` statement in Ingress.__init__: Serve ships the class's methods by value,
+    # with a copy of the globals they name, while this function runs in the module the handlers read.
+    global _count_rejection
+    _count_rejection = rejection_counter(model_name)
+
+
+def _rejected(e: APIError) -> None:
+    if _count_rejection is not None:
+        _count_rejection(e.status, e.code or e.type)
+
+
 @app.exception_handler(APIError)
 async def _api_error(_: Request, e: APIError) -> JSONResponse:
+    _rejected(e)
     return _error_response(e)
 
 
@@ -145,6 +165,7 @@ class Ingress:
             source = f"file {settings.api_key_file}" if settings.api_key_file else f"${settings.api_key_env}"
             logger.info("chatray ingress: requests need an API key (from %s)", source)
         self._model_info: dict[str, Any] | None = None
+        _install_rejection_counter(settings.model_name)
 
     # ------------------------------------------------------------------ helpers
     def _authorize(self, request: Request) -> None:
@@ -327,7 +348,8 @@ class Ingress:
                 try:
                     ev = await asyncio.wait_for(events.__anext__(), max(deadline - time.monotonic(), 0.001))
                 except asyncio.TimeoutError:
-                    yield _sse(self._timeout().body())
+                    _rejected(timeout := self._timeout())
+                    yield _sse(timeout.body())
                     break
                 except StopAsyncIteration:
                     yield _sse(error_body("generation ended unexpectedly", "service_unavailable_error"))
@@ -345,7 +367,8 @@ class Ingress:
                                         no_choices=True))
                     break
                 elif ev["event"] == "error":
-                    yield _sse(APIError.from_dict(ev["error"]).body())
+                    _rejected(err := APIError.from_dict(ev["error"]))
+                    yield _sse(err.body())
                     break
             yield "data: [DONE]\n\n"
         except Exception as e:  # noqa: BLE001 - headers are sent: report in-band, OpenAI style

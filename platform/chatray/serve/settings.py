@@ -100,6 +100,7 @@ class IngressSettings:
         max_body_bytes: larger request bodies get 413.
         request_timeout_s: per-request limit (408 after).
         retry_after_s: ``Retry-After`` seconds when overloaded.
+        model_name: the served model's id (the ``model_name`` label of the rejected-requests counter).
     """
 
     api_key_env: str | None
@@ -108,3 +109,4 @@ class IngressSettings:
     max_body_bytes: int
     request_timeout_s: float
     retry_after_s: float
+    model_name: str

@@ -120,7 +120,7 @@ def test_each_deployment_gets_typed_settings_built_from_the_args(tmp_path, monke
     # The key's whereabouts travel, never the key: seen here, it is required in the replicas.
     assert args.ingress_settings() == IngressSettings(
         api_key_env="CHATRAY_API_KEY", api_key_file=None, require_api_key=True, max_body_bytes=1 << 20,
-        request_timeout_s=100.0, retry_after_s=1.0)
+        request_timeout_s=100.0, retry_after_s=1.0, model_name="tiny-demo")
     assert "secret" not in repr(args.ingress_settings())
     monkeypatch.setenv("CHATRAY_API_KEY", "")
     assert args.ingress_settings().require_api_key is False  # empty = no auth
@@ -145,5 +145,5 @@ def test_args_left_out_get_the_serve_args_defaults(tiny_checkpoint):
         max_n=4)
     assert args.ingress_settings() == IngressSettings(api_key_env=None, api_key_file=None, require_api_key=False,
                                                       max_body_bytes=1 << 20, request_timeout_s=100.0,
-                                                      retry_after_s=1.0)
+                                                      retry_after_s=1.0, model_name=tiny_checkpoint.name)
     assert parse_args(args) is args  # validated once: a ServeArgs passes through as it is
