@@ -23,7 +23,7 @@ def _parse_args(items: tuple[str, ...]) -> dict:
     return parse_overrides(items)
 
 
-@click.command("serve")
+@click.group("serve", invoke_without_command=True)
 @click.option("--checkpoint", default=None, metavar="URI",
               help="Checkpoint folder, s3:// URI or <storage>/<run>:latest|:best (overrides the config's args).")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False), metavar="YAML",
@@ -35,7 +35,8 @@ def _parse_args(items: tuple[str, ...]) -> dict:
 @click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--app-name", default=None, help="Which application of the config to run (default: the first).")
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's own output here too (else it goes to a log file).")
-def serve(checkpoint: str | None, config_path: str | None, host: str | None, port: int | None,
+@click.pass_context
+def serve(ctx: click.Context, checkpoint: str | None, config_path: str | None, host: str | None, port: int | None,
           extra_args: tuple[str, ...], address: str | None, app_name: str | None, verbose: bool) -> None:
     """Serve a checkpoint over an OpenAI-compatible HTTP API (foreground, like `serve run`; Ctrl-C stops).
 
@@ -43,7 +44,10 @@ def serve(checkpoint: str | None, config_path: str | None, host: str | None, por
     Example:
       chatray serve --checkpoint .demo/checkpoints/tiny-demo:best
       curl http://127.0.0.1:8000/v1/chat/completions -d '{"messages":[{"role":"user","content":"hi"}]}'
+      chatray serve status
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from chatray.raylogs import quiet_terminal, set_verbose
     from chatray.serve.launch import serve_foreground
 
@@ -53,6 +57,26 @@ def serve(checkpoint: str | None, config_path: str | None, host: str | None, por
     with quiet_terminal("serve"):
         serve_foreground(config_path, checkpoint=checkpoint, host=host, port=port, args=_parse_args(extra_args),
                          address=address, app_name=app_name)
+
+
+@serve.command("status")
+@click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else the local one).")
+@click.option("--prometheus", default=None, envvar="CHATRAY_PROMETHEUS_URL", metavar="URL",
+              help="A Prometheus server that scrapes the cluster (env CHATRAY_PROMETHEUS_URL); without one, or "
+              "when it does not answer, Ray's metrics endpoints are scraped twice, --window seconds apart.")
+@click.option("--window", type=click.FloatRange(1, 3600), default=None, metavar="SECONDS",
+              help="Seconds to look back over (default: 60 with Prometheus, else 10).")
+def status(address: str | None, prometheus: str | None, window: float | None) -> None:
+    """One screen per application: replicas, running/waiting, tokens/s, p50/p99 TTFT and ITL.
+
+    \b
+    Example:
+      chatray serve status
+      chatray serve status --prometheus http://prometheus:9090 --window 300
+    """
+    from chatray.serve.status import format_status, serve_status
+
+    click.echo(format_status(serve_status(address, prometheus, window)))
 
 
 def _sampling(temperature: float | None, top_p: float | None, max_tokens: int | None, seed: int | None,
