@@ -373,7 +373,7 @@ def test_kuberay_cluster_has_token_auth_autoscaling_gpus_and_one_image(path: Pat
     assert res.get("requests", {}).get("nvidia.com/gpu", gpus) == gpus, "GPU requests must equal limits"
     assert res["limits"] == res["requests"] == {"cpu": "7", "memory": "24Gi", "nvidia.com/gpu": "1"}
     # No training or replicas on the head: it runs the control plane, job drivers and the Serve proxy.
-    assert cluster["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
+    assert cluster["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0", "metrics-export-port": "8080"}
     # One image everywhere, tagged with chatray's version, built FROM Ray's image of the cluster's rayVersion.
     images = {c["image"] for c in _containers(cluster)}
     assert len(images) == 1, f"containers use different images: {images}"
@@ -385,7 +385,7 @@ def test_kuberay_cluster_has_token_auth_autoscaling_gpus_and_one_image(path: Pat
     head_ports = {p["containerPort"] for p in ports}
     assert {6379, 8265, 8000} <= head_ports
     assert {p["name"]: p["containerPort"] for p in ports} == {"gcs-server": 6379, "dashboard": 8265, "client": 10001,
-                                                                "serve": 8000}
+                                                                "serve": 8000, "metrics": 8080}
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=_rel)
@@ -491,8 +491,9 @@ def test_launcher_yaml_starts_ray_with_token_auth_the_serve_data_plane_and_loopb
     assert config["provider"]["region"] == "us-west-2"
     head = ["ray", "start", "--head", "--port=6379", "--object-manager-port=8076",
             "--autoscaling-config=~/ray_bootstrap_config.yaml", "--dashboard-host=127.0.0.1", "--dashboard-port=8265",
-            "--disable-usage-stats"]
-    worker = ["ray", "start", "--address=$RAY_HEAD_IP:6379", "--object-manager-port=8076", "--disable-usage-stats"]
+            "--metrics-export-port=8080", "--disable-usage-stats"]
+    worker = ["ray", "start", "--address=$RAY_HEAD_IP:6379", "--object-manager-port=8076", "--metrics-export-port=8080",
+              "--disable-usage-stats"]
     for key, argv in (("head_start_ray_commands", head), ("worker_start_ray_commands", worker)):
         stop, start = config[key]
         assert stop == "ray stop", key
