@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
-from chatray.serve.engine import Completion, EngineError, GenerationEngine, StepOutput, gather_outputs
+from chatray.serve.engine import GenerationEngine
 from chatray.serve.metrics import EngineMetrics
+from chatray.serve.outputs import Completion, EngineError, StepOutput, gather_outputs
 from chatray.serve.sampling import SamplingParams
 
 __all__ = ["AsyncEngine"]

@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from chatray.serve.async_engine import AsyncEngine
-from chatray.serve.engine import Completion, StepOutput
 from chatray.serve.logprobs import LogprobFormatter, TokenLogprob
+from chatray.serve.outputs import Completion, StepOutput
 from chatray.serve.prompting import RequestPlan
 from chatray.serve.sampling import SamplingParams
 

@@ -15,7 +15,8 @@ are counted per row, so a row computes exactly what it would compute alone (up t
 
 Beside it: :mod:`~chatray.serve.async_engine` (the step loop on a thread, for asyncio callers),
 :mod:`~chatray.serve.kvcache` (the cache across transformers versions), :mod:`~chatray.serve.detokenize`
-(streamed text and stop strings) and :mod:`~chatray.serve.sampling` (the batched sampler).
+(streamed text and stop strings), :mod:`~chatray.serve.sampling` (the batched sampler) and
+:mod:`~chatray.serve.outputs` (what a step hands back).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import uuid
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -34,55 +35,10 @@ from chatray.model import config_context_length
 from chatray.serve.detokenize import Detokenizer
 from chatray.serve.kvcache import cache_kwarg, cache_tensors, new_cache, returned_cache, set_cache_tensors
 from chatray.serve.logprobs import TokenLogprob, position_logprobs, prompt_logprobs
+from chatray.serve.outputs import Completion, FinishReason, StepOutput, gather_outputs
 from chatray.serve.sampling import SamplingParams, make_generator, sample
 
-__all__ = ["Completion", "EngineError", "FinishReason", "GenerationEngine", "StepOutput", "gather_outputs"]
-
-FinishReason = Literal["stop", "length"]
-
-
-class EngineError(RuntimeError):
-    """The engine failed while a request was in flight (e.g. out of memory); the request did not finish."""
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one step produced for one request.
-
-    Attributes:
-        request_id: the request.
-        delta: new text since the previous output (may be empty: held back for a possible stop string,
-            or an incomplete UTF-8 character).
-        finish_reason: None while running; ``"stop"`` (EOS or a stop string) or ``"length"`` (max_tokens or
-            context full) on the last output.
-        prompt_tokens: tokens in the prompt.
-        completion_tokens: tokens generated so far (EOS and the token completing a stop string included).
-        logprobs: the tokens generated since the previous output, with their logprobs, when the request asked
-            for them (every generated token, EOS and a stop string's included, like ``completion_tokens``).
-        prompt_logprobs: the prompt tokens' logprobs, on the first output, when the request asked for them.
-    """
-
-    request_id: str
-    delta: str
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: tuple[TokenLogprob, ...] = ()
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A finished request: the full text, the exact token counts and any logprobs it asked for."""
-
-    request_id: str
-    text: str
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: tuple[TokenLogprob, ...] = ()
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
-
+__all__ = ["GenerationEngine"]
 
 @dataclass
 class _Sequence:
@@ -434,15 +390,6 @@ class GenerationEngine:
     def _text_ids(self, seq: _Sequence) -> list[int]:
         """The output ids that make text: an EOS that ended the request is counted but not decoded."""
         return [i for i in seq.output_ids if not (i in self.eos_token_ids and not seq.params.ignore_eos)]
-
-
-def gather_outputs(outputs: Sequence[StepOutput]) -> Completion:
-    """One request's outputs, the last of them finished, as one :class:`Completion`."""
-    last = outputs[-1]
-    assert last.finish_reason is not None
-    return Completion(last.request_id, "".join(o.delta for o in outputs), last.finish_reason, last.prompt_tokens,
-                      last.completion_tokens, tuple(lp for o in outputs for lp in o.logprobs),
-                      next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None))
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:

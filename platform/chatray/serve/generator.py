@@ -58,9 +58,10 @@ class Generator:
         from chatray.model import load_model, load_model_tokenizer
         from chatray.serve import choices, prompting
         from chatray.serve.async_engine import AsyncEngine
-        from chatray.serve.engine import EngineError, GenerationEngine
+        from chatray.serve.engine import GenerationEngine
         from chatray.serve.logprobs import LogprobFormatter
         from chatray.serve.metrics import EngineMetrics, ray_sink
+        from chatray.serve.outputs import EngineError
         from chatray.serve.source import fetch_served_model
 
         s, t0 = settings, time.perf_counter()

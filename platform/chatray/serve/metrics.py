@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:  # the engine imports torch: the ingress, which imports this module, must not
-    from chatray.serve.engine import StepOutput
+    from chatray.serve.outputs import StepOutput
 
 __all__ = [
     "EXPORT_PREFIX", "FINISH_REASONS", "PREFIX", "SPECS", "EngineMetrics", "MetricSpec", "Sink", "ray_sink",

@@ -244,7 +244,7 @@ def test_whole_reply_crosses_threads_once_and_cancels(tiny_model):
 
 
 def test_engine_failure_fails_requests_instead_of_hanging(tiny_model):
-    from chatray.serve.engine import EngineError
+    from chatray.serve.outputs import EngineError
 
     model, tok = tiny_model
 

@@ -8,8 +8,9 @@ from collections import Counter, defaultdict
 import pytest
 
 from chatray.serve.async_engine import AsyncEngine
-from chatray.serve.engine import GenerationEngine, StepOutput
+from chatray.serve.engine import GenerationEngine
 from chatray.serve.metrics import FINISH_REASONS, SPECS, EngineMetrics
+from chatray.serve.outputs import StepOutput
 from chatray.serve.sampling import SamplingParams
 
 
