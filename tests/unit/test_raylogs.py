@@ -78,7 +78,16 @@ def test_old_log_files_are_pruned(tmp_path):
     assert len(list(folder.glob("*.log"))) == raylogs._KEEP_LOGS
 
 
-def test_the_installed_ray_still_routes_worker_output_through_the_dispatcher():
+@pytest.fixture
+def dispatcher(monkeypatch):
+    """Ray's stdstream dispatcher with no handler (a Ray that another test started here keeps its own)."""
+    from ray._private import worker
+
+    monkeypatch.setattr(worker.global_worker_stdstream_dispatcher, "handlers", [])
+    return worker.global_worker_stdstream_dispatcher
+
+
+def test_the_installed_ray_still_routes_worker_output_through_the_dispatcher(dispatcher):
     """QuietOutput swaps a handler of an internal of Ray's: fail here, not silently, if an upgrade changes it."""
     from ray._private import worker
 
@@ -86,7 +95,6 @@ def test_the_installed_ray_still_routes_worker_output_through_the_dispatcher():
     assert f'"{raylogs._DISPATCHER_HANDLER}"' in source and "global_worker_stdstream_dispatcher.emit" in source
     for name in raylogs._RAY_PRINTERS:  # called by name at print time, so replacing the attribute reroutes them
         assert callable(getattr(worker, name)) and f"{name}(" in source
-    dispatcher = worker.global_worker_stdstream_dispatcher
     seen = []
     dispatcher.add_handler("chatray-test", seen.append)
     try:
@@ -96,24 +104,23 @@ def test_the_installed_ray_still_routes_worker_output_through_the_dispatcher():
     assert seen == [{"lines": ["x"]}]
 
 
-def test_rays_error_channel_is_rerouted_while_quiet_and_restored_after(capsys):
+def test_rays_error_channel_is_rerouted_while_quiet_and_restored_after(capsys, dispatcher):
     from ray._private import worker
 
     originals = {name: getattr(worker, name) for name in raylogs._RAY_PRINTERS}
     rays_printer = []
-    worker.global_worker_stdstream_dispatcher.add_handler(raylogs._DISPATCHER_HANDLER, rays_printer.append)
+    dispatcher.add_handler(raylogs._DISPATCHER_HANDLER, rays_printer.append)
     with quiet_terminal("unit") as out:
         out.start()
         out.attach_workers()
         worker.print_to_stdstream({"lines": ["Task ServeController.graceful_shutdown failed."], "pid": "raylet",
                                    "is_err": False}, ignore_prefix=False)
-        worker.global_worker_stdstream_dispatcher.emit({"lines": ["[chatray serve] replica ready"], "pid": 3,
-                                                        "actor_name": "ServeReplica", "is_err": False})
+        dispatcher.emit({"lines": ["[chatray serve] replica ready"], "pid": 3, "actor_name": "ServeReplica",
+                         "is_err": False})
         path = out.path
     assert capsys.readouterr().out == "[chatray serve] replica ready\n"
     assert "(worker pid=raylet) Task ServeController.graceful_shutdown failed." in path.read_text()
     assert {name: getattr(worker, name) for name in raylogs._RAY_PRINTERS} == originals
     assert rays_printer == []  # Ray's printer saw nothing while quiet...
-    worker.global_worker_stdstream_dispatcher.emit({"lines": ["after"]})
+    dispatcher.emit({"lines": ["after"]})
     assert rays_printer == [{"lines": ["after"]}]  # ...and has its lines back after
-    worker.global_worker_stdstream_dispatcher.remove_handler(raylogs._DISPATCHER_HANDLER)
