@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from chatray.errors import ChatrayError
+from chatray.raylogs import is_verbose
 
 __all__ = ["run_demo"]
 
@@ -36,7 +37,7 @@ PROMPTS = [("你喜欢什么运动?", 0.0), ("What is AI?", 0.0), ("你好,我�
 
 
 def _step(n: int, total: int, msg: str) -> float:
-    print(f"\n\033[1m[{n}/{total}] {msg}\033[0m", flush=True)
+    print(f"\033[1m[{n}/{total}] {msg}\033[0m", flush=True)
     return time.perf_counter()
 
 
@@ -88,10 +89,11 @@ def run_demo(fresh: bool = False, chat: bool = True) -> None:
         _done(t, "reusing the prepared dataset")
     else:
         fresh = True  # a new dataset: the run trains from scratch on it
-        _chatray("data", "prepare", "--demo", "--out", str(data), "--tokenizer", PREPARE_OPTIONS["tokenizer"],
-                 "--max-length", str(PREPARE_OPTIONS["max_length"]), "--overwrite",
-                 env={**env, "RAY_ADDRESS": cluster.address})
-        _done(t)
+        r = _chatray("data", "prepare", "--demo", "--out", str(data), "--tokenizer", PREPARE_OPTIONS["tokenizer"],
+                     "--max-length", str(PREPARE_OPTIONS["max_length"]), "--overwrite", "--quiet",
+                     env={**env, "RAY_ADDRESS": cluster.address}, capture=not is_verbose())
+        summary = next((ln for ln in (r.stdout or "").splitlines() if ln.startswith("prepared ")), "")
+        _done(t, summary.partition(": ")[2] or "done")
 
     storage = settings["storage"]
     run = settings["name"]
@@ -185,7 +187,8 @@ def _deploy(config: Path, dashboard_url: str, env: dict[str, str], wait_s: float
         raise ChatrayError(f"`serve deploy {config}` failed: {(r.stderr or r.stdout).strip()[-800:]}")
     http = yaml.safe_load(config.read_text(encoding="utf-8")).get("http_options", {})
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    deadline = time.time() + wait_s
+    t0 = time.time()
+    deadline, said = t0 + wait_s, t0
     last = ""
     while time.time() < deadline:
         try:
@@ -199,7 +202,9 @@ def _deploy(config: Path, dashboard_url: str, env: dict[str, str], wait_s: float
                             text=True, capture_output=True)
         if "DEPLOY_FAILED" in st.stdout:
             raise ChatrayError(f"serve deploy failed:\n{st.stdout.strip()[-1500:]}")
-        print(f"      waiting for {url}/readyz ({last})", flush=True)
+        if time.time() - said >= 30:  # a line per half minute of waiting, not per poll
+            said = time.time()
+            print(f"      still waiting for {url}/readyz ({last}, {said - t0:.0f}s)", flush=True)
         time.sleep(3)
     raise ChatrayError(f"the deployment did not become ready within {wait_s:.0f}s ({last})",
                        hint="`serve status` shows why")

@@ -222,9 +222,7 @@ class _Run:
             self._empty_epochs += 1
             if self._empty_epochs > 1:
                 raise RuntimeError(f"the train split of {self.cfg.data.path} yielded no batches")
-        self.stream.next_epoch()
-        if self.worker.rank == 0:
-            say(f"epoch {self.stream.epoch} begins at step {self.step.step}")
+        self.stream.next_epoch()  # the step lines carry the epoch
 
     def _count(self, res: StepResult) -> None:
         self.tokens_seen += res.tokens
