@@ -214,7 +214,7 @@ def run_training(cfg: FinetuneConfig, *, progress: bool | None = None,
             raise
         cause = str(e).strip().splitlines()
         detail = next((ln for ln in reversed(cause) if ln.strip() and not ln.startswith(" ")), type(e).__name__)
-        raise ChatrayError(f"training run {cfg.run.name} failed: {detail[:300]}",
+        raise ChatrayError(f"training run {cfg.run.name} ({run_uri}) failed: {detail[:300]}",
                            hint="the worker traceback is above; rerun the same command to resume from the "
                            "latest checkpoint") from e
     latest = latest_checkpoint(run_uri)
