@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO / "tests" / "unit" / "train"))
 pytestmark = pytest.mark.e2e
 
 WORKER = "worker-1"
-WORKER_ARGS = ["--num-cpus", "2", "--resources", '{"worker_node": 100}']
+# train_slot: one per node, so that a run asking one per worker gets at most one worker per node, also elastically.
+WORKER_ARGS = ["--num-cpus", "2", "--resources", '{"worker_node": 100, "train_slot": 1}']
 TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.micro_batch_size=8", "train.log_every=1",
         "eval.max_batches=2", "eval.sample_max_tokens=4", "train.seed=3", "train.lr=3e-3", "train.warmup_steps=2"]
 # Eval loss of a run that lost a node vs the same run without a failure. A resumed run restores weights, optimizer,
@@ -63,7 +64,7 @@ def nodes(s3_server, tmp_path_factory) -> Iterator[dict[str, Any]]:
                            client_port=free_port(), temp_dir=tempfile.mkdtemp(prefix="cr-2n-", dir="/tmp"))
     try:
         cluster, started = start_local_cluster(
-            cluster, num_cpus=2, ray_args=["--resources", '{"head_node": 100}'],
+            cluster, num_cpus=2, ray_args=["--resources", '{"head_node": 100, "train_slot": 1}'],
             extra_env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **s3_env})
         assert started
         add_local_worker(cluster, ray_args=WORKER_ARGS, name=WORKER)
@@ -248,6 +249,28 @@ def test_storage_lost_during_a_checkpoint_upload(nodes):
     latest = latest_checkpoint(run_uri)
     assert latest is not None and latest.valid and latest.step == 12
     print(f"storage outage test: {time.monotonic() - t0:.0f} s")
+
+
+def test_a_node_lost_during_elastic_training_goes_on_with_fewer_workers(nodes):
+    """`--num-workers 1-2`, one worker per node (train_slot): worker-1 is killed after the step-8 checkpoint and
+    stays down. The run restarts from that checkpoint with one worker instead of waiting, and finishes."""
+    t0 = time.monotonic()
+    run_uri = f"{nodes['storage']}/elastic"
+    proc = _train(nodes, "elastic", 16, "checkpoint.every=4", "eval.every=4", "scaling.cpus_per_worker=1",
+                  "scaling.resources_per_worker={train_slot: 1}", "run.max_failures=2", extra=("--num-workers", "1-2"))
+    try:
+        _wait_for_checkpoint(run_uri, 8, proc)
+        where = _nodes_of(nodes)
+        assert sorted(where[n] for n in _train_worker_nodes(nodes)) == ["head", "worker"], "two workers at first"
+        _kill_worker(nodes)
+        rc, out = _finish(proc)
+    finally:
+        _bring_back(nodes)
+    assert rc == 0, out[-3000:]
+    assert "resumed from" in out
+    steps = _logged_steps(run_uri)
+    assert steps == list(range(1, 17)), f"a lost or repeated step: {steps}"
+    print(f"elastic node loss: eval {_final_eval(run_uri):.5f}; test {time.monotonic() - t0:.0f} s")
 
 
 def _serve_config(nodes: dict, port: int) -> Path:
