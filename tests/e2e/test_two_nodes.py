@@ -39,9 +39,14 @@ WORKER_ARGS = ["--num-cpus", "2", "--resources", '{"worker_node": 100, "train_sl
 TINY = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.micro_batch_size=8", "train.log_every=1",
         "eval.max_batches=2", "eval.sample_max_tokens=4", "train.seed=3", "train.lr=3e-3", "train.warmup_steps=2"]
 # Eval loss of a run that lost a node vs the same run without a failure. A resumed run restores weights, optimizer,
-# RNG and data position, so the two follow the same trajectory up to float summation order; runs with different
-# seeds differ by far more than this (measured: see docs/operations.md).
+# RNG and data position, so the two follow the same trajectory up to float summation order.
 EVAL_ATOL = 2e-3
+# The run-to-run spread of that run without failure, measured over train.seed 3, 4, 5, 6: final eval loss 4.2615,
+# 4.1999, 4.1055, 4.1441 (range 0.156). An elastic restart changes the batches (one worker, data from the epoch's
+# start), so its eval loss is held to half that range around the run without failure.
+ELASTIC_ATOL = 0.08
+FIXED_SETS = ("checkpoint.every=4", "eval.every=4", "scaling.placement_strategy=STRICT_SPREAD",
+              "scaling.cpus_per_worker=1", "run.max_failures=2")
 
 
 @pytest.fixture(scope="module")
@@ -181,18 +186,25 @@ def test_checkpoint_written_on_the_worker_node_resumes_on_the_head(nodes):
     print(f"checkpoint hop worker -> head: {time.monotonic() - t0:.0f} s")
 
 
+def _calm_eval(nodes: dict) -> float:
+    """Final eval loss of the two-worker run without a failure (run once for the module)."""
+    from chatray.storage.checkpoints import latest_checkpoint
+
+    run_uri = f"{nodes['storage']}/calm"
+    if latest_checkpoint(run_uri) is None or latest_checkpoint(run_uri).step != 16:
+        rc, out = _finish(_train(nodes, "calm", 16, *FIXED_SETS, extra=("--num-workers", "2")))
+        assert rc == 0, out[-3000:]
+    return _final_eval(run_uri)
+
+
 def test_a_node_lost_during_training_restarts_from_the_last_checkpoint_once_back(nodes):
     """Two workers, one per node (STRICT_SPREAD). worker-1 is killed after the step-8 checkpoint: the run waits for
     two nodes, resumes from its last checkpoint when worker-1 is back, and ends where a run without failure ends."""
     t0 = time.monotonic()
-    common = ("--num-workers", "2")
-    sets = ("checkpoint.every=4", "eval.every=4", "scaling.placement_strategy=STRICT_SPREAD",
-            "scaling.cpus_per_worker=1", "run.max_failures=2")
-    rc, out = _finish(_train(nodes, "calm", 16, *sets, extra=common))
-    assert rc == 0, out[-3000:]
+    calm = _calm_eval(nodes)
     t_calm = time.monotonic() - t0
     run_uri = f"{nodes['storage']}/lost"
-    proc = _train(nodes, "lost", 16, *sets, extra=common)
+    proc = _train(nodes, "lost", 16, *FIXED_SETS, extra=("--num-workers", "2"))
     _wait_for_checkpoint(run_uri, 8, proc)
     where = _nodes_of(nodes)
     assert sorted(where[n] for n in _train_worker_nodes(nodes)) == ["head", "worker"], "one worker per node"
@@ -205,7 +217,7 @@ def test_a_node_lost_during_training_restarts_from_the_last_checkpoint_once_back
     steps = _logged_steps(run_uri)
     assert steps == list(range(1, 17)), f"a lost or repeated step: {steps}"
     assert "resumed from" in out
-    calm, lost = _final_eval(f"{nodes['storage']}/calm"), _final_eval(run_uri)
+    lost = _final_eval(run_uri)
     assert abs(calm - lost) <= EVAL_ATOL, (calm, lost)
     print(f"node loss in training: calm run {t_calm:.0f} s, eval {calm:.5f}; lost-node run eval {lost:.5f}; "
           f"test {time.monotonic() - t0:.0f} s")
@@ -270,7 +282,9 @@ def test_a_node_lost_during_elastic_training_goes_on_with_fewer_workers(nodes):
     assert "resumed from" in out
     steps = _logged_steps(run_uri)
     assert steps == list(range(1, 17)), f"a lost or repeated step: {steps}"
-    print(f"elastic node loss: eval {_final_eval(run_uri):.5f}; test {time.monotonic() - t0:.0f} s")
+    elastic, calm = _final_eval(run_uri), _calm_eval(nodes)
+    assert abs(elastic - calm) <= ELASTIC_ATOL, (calm, elastic)
+    print(f"elastic node loss: eval {elastic:.5f} (without failure {calm:.5f}); test {time.monotonic() - t0:.0f} s")
 
 
 def _serve_config(nodes: dict, port: int) -> Path:
