@@ -2,8 +2,9 @@
 # implementation of the local cluster (also behind `chatray up` / `chatray down` and `make demo`).
 #
 # Settings, read by chatray.localcluster from the environment (each can be overridden):
-#   CHATRAY_RAY_HOST        where Ray listens (default 127.0.0.1: every process on loopback only; 0.0.0.0 or a
-#                           LAN IP: every interface, token auth protects it; needed for add-worker.sh)
+#   CHATRAY_RAY_HOST        where Ray listens (default 127.0.0.1: every process on loopback only, worker nodes of
+#                           add-worker.sh too; 0.0.0.0 or a LAN IP: every interface, token auth protects it; needed
+#                           for nodes on other machines)
 #   CHATRAY_RAY_PORT        GCS port, the cluster address is HOST:PORT     (default 6379)
 #   CHATRAY_DASHBOARD_HOST  dashboard + Jobs API + Serve REST API bind      (default 127.0.0.1)
 #   CHATRAY_DASHBOARD_PORT  dashboard port                                  (default 8265)

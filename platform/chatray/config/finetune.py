@@ -118,13 +118,28 @@ class TrainSection:
 class ScalingSection:
     """How many Ray Train workers and what each one gets."""
 
-    num_workers: int = opt(1, "Ray Train workers (data-parallel replicas)")
+    num_workers: int = opt(1, "Ray Train workers (data-parallel replicas); the most workers when min_workers is set")
+    min_workers: int | None = opt(None, "elastic: after a lost node, go on with as few as this many workers instead "
+                                  "of waiting for num_workers (Ray Train's num_workers=(min, max)); null = fixed")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt(
+        "PACK", "where the workers go: PACK fills a node first, SPREAD prefers different nodes, STRICT_SPREAD "
+        "requires one node per worker (a restart then waits for enough nodes)")
+    resources_per_worker: dict[str, float] = opt(
+        {}, "custom Ray resources each worker needs besides its CPU/GPU, e.g. {trainer_slot: 1} to pin workers to "
+        "the nodes that offer it")
     use_gpu: bool = opt(False, "give each worker one GPU (bf16 autocast); otherwise train on CPU in fp32")
     cpus_per_worker: float = opt(1.0, "logical CPUs reserved per worker (leave some for Ray Data)")
     torch_threads: int | None = opt(None, "torch CPU threads per worker (default: cpus_per_worker, at least 1)")
 
     def __post_init__(self) -> None:
-        problems = _too_low(self, num_workers=1)
+        problems = _too_low(self, num_workers=1, min_workers=1)
+        if self.min_workers is not None and self.min_workers > self.num_workers:
+            problems.append(f"min_workers ({self.min_workers}) must be <= num_workers ({self.num_workers})")
+        for key in ("CPU", "GPU"):
+            if key in self.resources_per_worker:
+                problems.append(f"resources_per_worker.{key}: set cpus_per_worker / use_gpu instead")
+        problems += [f"resources_per_worker.{k} must be > 0, got {v}" for k, v in self.resources_per_worker.items()
+                     if not v > 0]
         if not self.cpus_per_worker > 0:
             problems.append(f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         _raise_problems(problems + _too_low(self, torch_threads=1))

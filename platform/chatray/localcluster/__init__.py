@@ -1,4 +1,4 @@
-"""A single-node Ray cluster on 127.0.0.1 for laptops and CI: start, add a worker node, stop.
+"""A Ray cluster on 127.0.0.1 for laptops and CI: start the head, add worker nodes on this machine, stop.
 
 One implementation behind ``chatray up`` / ``chatray down``, ``make demo``, the e2e tests and the
 ``cluster/local/*.sh`` scripts (which run ``python -m chatray.localcluster start|stop|add-worker``).
@@ -18,8 +18,8 @@ lists them) or from a :class:`LocalCluster` passed in.
 
 Modules, one job each: ``settings`` (addresses, paths, numbers from the environment), ``probes`` (ports and
 what answers on them), ``processes`` (finding and stopping a cluster's processes), ``state`` (the state and env
-files), ``start`` (head and worker nodes), ``stop``, ``commands`` (``chatray up`` / ``down`` and
-``python -m chatray.localcluster``).
+files), ``start`` (head and worker nodes), ``worker_node`` (Ray's ``ray start`` for a worker node of a loopback
+head), ``stop``, ``commands`` (``chatray up`` / ``down`` and ``python -m chatray.localcluster``).
 """
 
 from chatray.localcluster.commands import main

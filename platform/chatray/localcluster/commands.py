@@ -22,17 +22,25 @@ __all__ = ["down", "main", "up"]
 @click.option("--host", default=None, envvar="CHATRAY_RAY_HOST", metavar="ADDRESS",
               help="Where Ray listens and what it advertises (default 127.0.0.1: this machine only). Any other "
                    "address (0.0.0.0, or this machine's LAN IP) makes Ray listen on every interface, protected by "
-                   "its auth token: needed for more nodes (docs/operations.md).")
-def up(num_cpus: int | None, host: str | None) -> None:
-    """Start a single-node Ray cluster on 127.0.0.1 (token auth on), unless one is running.
+                   "its auth token (docs/operations.md).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Worker nodes to add on this machine once the head is up: separate raylets with their own "
+                   "resources, on the same address as the head (multi-node tests, node-loss drills).")
+@click.option("--worker-cpus", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPUs each worker node offers.")
+def up(num_cpus: int | None, host: str | None, workers: int, worker_cpus: int) -> None:
+    """Start a Ray cluster on 127.0.0.1 (token auth on), unless one is running: a head, plus --workers nodes.
 
     Every Ray process of it listens on 127.0.0.1 only, unless --host says otherwise. Ray's files go to
     $CHATRAY_HOME/ray (~/.chatray/ray); ports and dirs follow the CHATRAY_* variables of cluster/local/_env.sh.
+    `chatray down` stops the head and its worker nodes.
     """
     cluster = LocalCluster.from_env()
     if host:
         cluster.host = host
     cluster, started = start_local_cluster(cluster, num_cpus=num_cpus, echo=click.echo)
+    for _ in range(workers):
+        add_local_worker(cluster, ray_args=["--num-cpus", str(worker_cpus)], echo=click.echo)
     click.echo(("started" if started else "reusing") + f" Ray at {cluster.address}\n")
     click.echo(describe_cluster(cluster, "chatray down"))
 
@@ -56,7 +64,7 @@ usage: python -m chatray.localcluster start [RAY_START_ARGS...]
        python -m chatray.localcluster add-worker [RAY_START_ARGS...]
        python -m chatray.localcluster stop [--all]
 
-start       start a single-node Ray cluster (ray start --head) unless one answers; print how to reach it
+start       start a Ray head (ray start --head) unless one answers; print how to reach it
 add-worker  join one more Ray node on this machine to it (--num-cpus 1 unless given)
 stop        shut Serve down, then stop this cluster's Ray processes only (those of its temp dir);
             --all runs plain `ray stop` instead, which stops EVERY Ray process of this user on the machine

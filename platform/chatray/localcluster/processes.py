@@ -18,9 +18,9 @@ from types import ModuleType
 from typing import Any
 
 from chatray.errors import ChatrayError
-from chatray.localcluster.settings import MARKER_ENV, STOP_GRACE_S
+from chatray.localcluster.settings import MARKER_ENV, NODE_ENV, STOP_GRACE_S
 
-__all__ = ["cluster_processes", "psutil_module", "stop_cluster_processes"]
+__all__ = ["cluster_processes", "kill_node", "node_processes", "psutil_module", "stop_cluster_processes"]
 
 # Ray flags through which its processes name their temp/session/log dirs (`--temp_dir=...`, `--session-dir=...`).
 _DIR_FLAGS = frozenset({"--temp-dir", "--session-dir", "--log-dir", "--logs-dir"})
@@ -169,3 +169,42 @@ def stop_cluster_processes(temp_dir: str | os.PathLike[str], grace_s: float = ST
         for order in range(3):
             killed += _stop_group([p for p, o in zip(procs, orders) if o == order], grace_s / 3)
     return stopped, killed
+
+
+def node_processes(temp_dir: str | os.PathLike[str], node: str) -> list[Any]:
+    """The running processes of one worker node of a local cluster: those of :func:`cluster_processes` that carry
+    ``CHATRAY_LOCAL_NODE=<node>`` (set by :func:`~chatray.localcluster.start.add_local_worker`), and their
+    descendants (the node's raylet starts its workers)."""
+    psutil = psutil_module()
+    found: dict[int, Any] = {}
+    for p in cluster_processes(temp_dir):
+        try:
+            mine = p.environ().get(NODE_ENV) == node
+        except psutil.Error:  # gone, or its environment unreadable: a worker is still found as a descendant
+            continue
+        if mine:
+            found.setdefault(p.pid, p)
+            try:
+                for child in p.children(recursive=True):
+                    found.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+    return sorted(found.values(), key=lambda p: p.pid)
+
+
+def kill_node(temp_dir: str | os.PathLike[str], node: str) -> list[int]:
+    """SIGKILL every process of worker node ``node`` at once, as when its machine dies: no process gets to say
+    goodbye to the head, which notices through missed health checks.
+
+    Returns:
+        The PIDs that were killed (empty when the node was not running).
+    """
+    psutil = psutil_module()
+    procs = node_processes(temp_dir, node)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    _wait_gone(procs, 10.0)
+    return [p.pid for p in procs]

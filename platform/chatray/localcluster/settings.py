@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_AGENT_PORT",
     "DEFAULT_CLIENT_PORT",
     "MARKER_ENV",
+    "NODE_ENV",
     "START_TIMEOUT_S",
     "STOP_GRACE_S",
     "Echo",
@@ -29,6 +30,7 @@ __all__ = [
 ]
 
 MARKER_ENV = "CHATRAY_LOCAL_CLUSTER"  # = the cluster's Ray temp dir, in the environment of all its processes
+NODE_ENV = "CHATRAY_LOCAL_NODE"  # = a worker node's name (worker-1, ...), in the environment of its processes
 # Ray's own defaults; another Ray on the machine may hold them, and then a free port is taken instead.
 DEFAULT_AGENT_PORT = 52365
 DEFAULT_CLIENT_PORT = 10001

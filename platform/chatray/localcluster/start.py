@@ -3,7 +3,7 @@ more worker nodes on the same machine, each marked with :data:`MARKER_ENV` so th
 
 On 127.0.0.1 (the default) every process of the cluster listens on loopback only (Ray's local-only mode,
 :func:`chatray.rayenv.ray_host_env`); another ``host`` is an explicit choice to listen on every interface, warned
-about at start. Ray allows more nodes only in that second mode."""
+about at start. More nodes join in either mode (on loopback through :mod:`chatray.localcluster.worker_node`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from chatray.errors import ChatrayError
+from chatray.localcluster import worker_node
 from chatray.localcluster.probes import (
     alive_nodes,
     dashboard_state,
@@ -29,6 +30,7 @@ from chatray.localcluster.settings import (
     DEFAULT_AGENT_PORT,
     DEFAULT_CLIENT_PORT,
     MARKER_ENV,
+    NODE_ENV,
     START_TIMEOUT_S,
     Echo,
     LocalCluster,
@@ -254,31 +256,42 @@ def _wait_ready(cluster: LocalCluster, wait_s: float, log: Path) -> None:
         time.sleep(0.5)
 
 
+def _worker_command(cluster: LocalCluster, args: Sequence[str]) -> list[str]:
+    """``ray start --address`` for one more node; on a loopback head through :mod:`.worker_node`, which lets Ray's
+    CLI start a worker node in local-only mode (everything of the new node then listens on 127.0.0.1 too)."""
+    temp = cluster.ray_temp_dir
+    common = [f"--address={cluster.address}", f"--node-ip-address={cluster.host}", f"--temp-dir={temp}",
+              f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", *args]
+    if is_loopback(cluster.host):
+        return [sys.executable, str(Path(worker_node.__file__)), *common]  # imports only Ray: no PYTHONPATH needed
+    return [ray_executable(), "start", *common]
+
+
 def add_local_worker(cluster: LocalCluster | None = None, ray_args: Sequence[str] = (),
-                     wait_s: float = START_TIMEOUT_S, echo: Echo | None = None) -> int:
-    """Join one more Ray node (a second raylet on this machine) to the local head.
+                     wait_s: float = START_TIMEOUT_S, echo: Echo | None = None, *, name: str | None = None) -> int:
+    """Join one more Ray node (a second raylet on this machine, with its own CPUs and object store) to the head.
 
     It uses the head's temp dir and marker, so stopping the cluster stops it too. ``--num-cpus 1`` unless
-    ``ray_args`` says otherwise. Ray 2.60 refuses more nodes in its local-only mode, so the head must have been
-    started on another address than loopback (``chatray up --host 0.0.0.0``).
+    ``ray_args`` says otherwise. On a loopback head (the default) the node joins in Ray's local-only mode and all
+    its servers listen on 127.0.0.1, like the head's (:mod:`chatray.localcluster.worker_node` says how).
+
+    Args:
+        cluster: the head's addresses (default: :meth:`LocalCluster.from_env`).
+        ray_args: more ``ray start`` arguments (``--num-cpus``, ``--resources``, ...).
+        wait_s: how long to wait for the head to list the new node.
+        echo: called with a line for each step.
+        name: the node's name in ``CHATRAY_LOCAL_NODE`` of its processes, which
+            :func:`~chatray.localcluster.processes.kill_node` finds it by (default ``worker-<alive nodes>``).
 
     Returns:
         The number of alive nodes once the head lists the new one.
 
     Raises:
-        ChatrayError: when the head is on loopback, no head answers, ``ray start`` fails, or the head never
-            lists the new node.
+        ChatrayError: when no head answers, ``ray start`` fails, or the head never lists the new node.
     """
     say = echo or (lambda _line: None)
     cluster = cluster or LocalCluster.from_env()
-    if is_loopback(cluster.host):
-        raise ChatrayError(f"a second node cannot join the head at {cluster.address}: it listens on loopback only, "
-                           "and Ray accepts more nodes only when it listens on the network",
-                           hint="restart the head on every interface (chatray down; chatray up --host 0.0.0.0, or "
-                                "CHATRAY_RAY_HOST=0.0.0.0 cluster/local/start.sh; token auth protects it), then run "
-                                "add-worker with the same CHATRAY_RAY_HOST")
     _settle_host(cluster)
-    env = ray_start_env(cluster)
     if dashboard_state(cluster) != "ok":
         raise ChatrayError(f"no Ray cluster answers at {cluster.dashboard_url} with this machine's token",
                            hint="start the head first: cluster/local/start.sh (or chatray up)")
@@ -289,12 +302,11 @@ def add_local_worker(cluster: LocalCluster | None = None, ray_args: Sequence[str
     if before is None:
         raise ChatrayError(f"Ray's state API at {cluster.dashboard_url} does not answer: cannot tell when the "
                            "new node joins", hint="is the head still starting? try again in a few seconds")
+    env = {**ray_start_env(cluster), NODE_ENV: name or f"worker-{before}"}
     temp = cluster.ray_temp_dir
-    cmd = [ray_executable(), "start", f"--address={cluster.address}", f"--node-ip-address={cluster.host}",
-           f"--temp-dir={temp}", f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats", *args]
     say(f"adding a worker node to {cluster.address}: ray start --address {cluster.address} {' '.join(args)}")
     log = temp / "ray-add-worker.log"
-    _run_ray_start(cmd, env, log, what=f"ray start --address {cluster.address}")
+    _run_ray_start(_worker_command(cluster, args), env, log, what=f"ray start --address {cluster.address}")
     deadline = time.monotonic() + wait_s
     while (now := alive_nodes(cluster) or 0) <= before:
         if time.monotonic() > deadline:

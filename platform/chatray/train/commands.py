@@ -32,7 +32,9 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--storage", help=field_help(FinetuneConfig, "run.storage_path")),
         click.option("--name", help=field_help(FinetuneConfig, "run.name")),
         click.option("--max-steps", type=int, help=field_help(FinetuneConfig, "train.max_steps")),
-        click.option("--num-workers", type=int, help=field_help(FinetuneConfig, "scaling.num_workers")),
+        click.option("--num-workers", callback=_parse_num_workers, metavar="N|MIN-MAX",
+                     help=field_help(FinetuneConfig, "scaling.num_workers") + "; MIN-MAX (e.g. 1-2) is elastic: "
+                     "scaling.min_workers=MIN, scaling.num_workers=MAX"),
         click.option("--use-gpu/--no-use-gpu", default=None, help=field_help(FinetuneConfig, "scaling.use_gpu")),
         click.option("--env", "env_names", multiple=True, metavar="NAME",
                      help="Forward this variable's value to the job's workers (repeatable). It is then visible in "
@@ -44,12 +46,29 @@ def _run_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _parse_num_workers(_ctx: click.Context, _param: click.Parameter,
+                       value: str | None) -> tuple[int | None, int] | None:
+    """``--num-workers N`` -> (None, N): a fixed group; ``--num-workers MIN-MAX`` -> (MIN, MAX): elastic."""
+    if value is None:
+        return None
+    low, sep, high = value.partition("-")
+    if not (low.strip().isdigit() and (not sep or high.strip().isdigit())):
+        raise click.BadParameter(f"expected a number of workers N or a range MIN-MAX (e.g. 1-2), got {value!r}")
+    if not sep:
+        return None, int(low)
+    if not 1 <= int(low) <= int(high):
+        raise click.BadParameter(f"MIN-MAX needs 1 <= MIN <= MAX, got {value!r}")
+    return int(low), int(high)
+
+
 def _overrides(sets: tuple[str, ...], data: str | None, storage: str | None, name: str | None,
-               max_steps: int | None, num_workers: int | None, use_gpu: bool | None) -> list[str]:
+               max_steps: int | None, num_workers: tuple[int | None, int] | None, use_gpu: bool | None) -> list[str]:
     out = list(sets)
+    if num_workers is not None:  # N: a fixed group whatever the YAML says; MIN-MAX: elastic
+        out += [f"scaling.min_workers={'null' if num_workers[0] is None else num_workers[0]}",
+                f"scaling.num_workers={num_workers[1]}"]
     for key, value in (("data.path", data), ("run.storage_path", storage), ("run.name", name),
-                       ("train.max_steps", max_steps), ("scaling.num_workers", num_workers),
-                       ("scaling.use_gpu", use_gpu)):
+                       ("train.max_steps", max_steps), ("scaling.use_gpu", use_gpu)):
         if value is not None:
             out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
     return out
@@ -61,7 +80,7 @@ def _overrides(sets: tuple[str, ...], data: str | None, storage: str | None, nam
 @click.option("--verbose", "-v", is_flag=True, help="Show Ray's own output here too (else it goes to a log file).")
 @click.pass_context
 def train(ctx: click.Context, config: str | None, sets: tuple[str, ...], data: str | None, storage: str | None,
-          name: str | None, max_steps: int | None, num_workers: int | None, use_gpu: bool | None,
+          name: str | None, max_steps: int | None, num_workers: tuple[int | None, int] | None, use_gpu: bool | None,
           env_names: tuple[str, ...], progress: bool | None, verbose: bool) -> None:
     """Fine-tune a model on a prepared dataset with Ray Train (current cluster via RAY_ADDRESS, else a local one).
 
@@ -95,7 +114,8 @@ def train(ctx: click.Context, config: str | None, sets: tuple[str, ...], data: s
 @click.option("--verbose", "-v", is_flag=True,
               help="With --wait, show the job's whole log (else chatray's lines, and the rest in a log file).")
 def submit(config: str | None, sets: tuple[str, ...], data: str | None, storage: str | None, name: str | None,
-           max_steps: int | None, num_workers: int | None, use_gpu: bool | None, env_names: tuple[str, ...],
+           max_steps: int | None, num_workers: tuple[int | None, int] | None, use_gpu: bool | None,
+           env_names: tuple[str, ...],
            address: str | None, wait: bool, verbose: bool) -> None:
     """Submit a fine-tuning run as a Ray job (jobs/finetune.py); prints the job id."""
     from chatray.train.submit import job_client, submit_training

@@ -20,7 +20,7 @@ from chatray.train.plan import RunPlan, plan_run
 if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
-__all__ = ["build_trainer", "run_training"]
+__all__ = ["build_trainer", "run_training", "scaling_config"]
 
 
 def _worker_env(explicit: Sequence[str] = ()) -> dict[str, str]:
@@ -68,6 +68,25 @@ def _cpus_per_worker(cfg: FinetuneConfig) -> float:
     return want
 
 
+def scaling_config(cfg: FinetuneConfig, resources: dict[str, float]) -> Any:
+    """Ray Train's ``ScalingConfig`` for ``cfg``: a fixed group of ``num_workers``, or an elastic one,
+    ``num_workers=(min_workers, num_workers)``, placed by ``placement_strategy``.
+
+    Args:
+        cfg: the run.
+        resources: CPU/GPU per worker; ``cfg.scaling.resources_per_worker`` (custom resources) is added to it.
+
+    Returns:
+        A ``ray.train.ScalingConfig``.
+    """
+    import ray.train
+
+    sc = cfg.scaling
+    workers: int | tuple[int, int] = sc.num_workers if sc.min_workers is None else (sc.min_workers, sc.num_workers)
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=sc.use_gpu, placement_strategy=sc.placement_strategy,
+                                   resources_per_worker={**resources, **sc.resources_per_worker})
+
+
 def build_trainer(cfg: FinetuneConfig, plan: RunPlan | None = None, *,
                   forward_env: Sequence[str] = ()) -> TorchTrainer:
     """The Ray Train ``TorchTrainer`` for a run (checks it first unless ``plan`` is given).
@@ -106,8 +125,7 @@ def build_trainer(cfg: FinetuneConfig, plan: RunPlan | None = None, *,
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=plan.loop_config(cfg),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=scaling_config(cfg, resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=storage, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
@@ -196,7 +214,7 @@ def run_training(cfg: FinetuneConfig, *, progress: bool | None = None,
             raise
         cause = str(e).strip().splitlines()
         detail = next((ln for ln in reversed(cause) if ln.strip() and not ln.startswith(" ")), type(e).__name__)
-        raise ChatrayError(f"training run {cfg.run.name} failed: {detail[:300]}",
+        raise ChatrayError(f"training run {cfg.run.name} ({run_uri}) failed: {detail[:300]}",
                            hint="the worker traceback is above; rerun the same command to resume from the "
                            "latest checkpoint") from e
     latest = latest_checkpoint(run_uri)

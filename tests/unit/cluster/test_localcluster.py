@@ -23,13 +23,23 @@ from chatray.localcluster import (
     start_local_cluster,
     stop_cluster_processes,
     stop_local_cluster,
+    worker_node,
 )
-from chatray.localcluster.processes import psutil_module
-from chatray.localcluster.settings import state_file
-from chatray.localcluster.start import _settle_host, _warn_if_exposed
+from chatray.localcluster.processes import kill_node, node_processes, psutil_module
+from chatray.localcluster.settings import NODE_ENV, state_file
+from chatray.localcluster.start import _settle_host, _warn_if_exposed, _worker_command
 from chatray.localcluster.state import read_state, record_cluster, write_env_file
 
 SLEEP = "import time; time.sleep(300)"
+
+
+def cli_source() -> str:
+    """The installed Ray's ``ray start`` source file, found without importing Ray."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("ray")
+    assert spec is not None and spec.submodule_search_locations
+    return str(Path(list(spec.submodule_search_locations)[0]) / "scripts" / "scripts.py")
 
 
 @pytest.fixture
@@ -228,11 +238,63 @@ def test_start_refuses_a_temp_dir_too_long_for_rays_sockets(home):
     assert not Path(long_dir).exists()
 
 
-def test_a_second_node_cannot_join_a_loopback_head(home):
-    """Ray accepts more nodes only when it listens on the network: say so, and how, before running anything."""
-    with pytest.raises(ChatrayError, match="listens on loopback only") as e:
+def test_a_second_node_needs_a_head_that_answers(home):
+    with pytest.raises(ChatrayError, match="no Ray cluster answers") as e:
         add_local_worker(LocalCluster(gcs_port=free_port(), dashboard_port=free_port()))
-    assert "chatray up --host 0.0.0.0" in e.value.hint
+    assert "start the head first" in e.value.hint
+
+
+def test_a_worker_node_of_a_loopback_head_starts_through_the_relaxed_cli(tmp_path):
+    """On loopback the node joins through chatray.localcluster.worker_node (Ray's CLI refuses it otherwise), with
+    the node address 127.0.0.1; an exposed head gets plain `ray start`."""
+    cmd = _worker_command(LocalCluster(gcs_port=6390, temp_dir=str(tmp_path)), ["--num-cpus", "1"])
+    assert cmd[:2] == [sys.executable, worker_node.__file__]
+    assert "--address=127.0.0.1:6390" in cmd and "--node-ip-address=127.0.0.1" in cmd and cmd[-2:] == ["--num-cpus",
+                                                                                                         "1"]
+    exposed = _worker_command(LocalCluster(host="192.168.1.5", temp_dir=str(tmp_path)), [])
+    assert exposed[1] == "start" and "--node-ip-address=192.168.1.5" in exposed
+
+
+def test_the_relaxed_cli_keeps_ray_on_loopback():
+    """Only `ray start`'s own view of the switch changes: the module that picks the node's address (and so where its
+    servers bind) still sees local-only mode. Fails when a Ray upgrade moves the check this relies on."""
+    code = ("import ray._private.ray_constants as c, ray._private.services as s, ray.scripts.scripts as cli\n"
+            "from chatray.localcluster.worker_node import relax_worker_check\n"
+            "assert not cli.ray_constants.ENABLE_RAY_CLUSTER\n"
+            "relax_worker_check()\n"
+            "print(cli.ray_constants.ENABLE_RAY_CLUSTER, c.ENABLE_RAY_CLUSTER, s.get_node_ip_address(),\n"
+            "      s.resolve_ip_for_localhost('127.0.0.1'),\n"
+            "      cli.ray_constants.NUM_PORT_RETRIES == c.NUM_PORT_RETRIES)\n")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "False", "127.0.0.1", "127.0.0.1", "True"]
+    source = Path(cli_source()).read_text()
+    assert "if not ray_constants.ENABLE_RAY_CLUSTER:" in source  # the one refusal that worker_node relaxes
+
+
+def test_kill_node_kills_that_nodes_processes_and_no_other(tmp_path):
+    """A node's processes carry CHATRAY_LOCAL_NODE; their children (Ray's workers) go with them."""
+    temp = tmp_path / "ray"
+    base = {k: v for k, v in os.environ.items() if k not in (MARKER_ENV, NODE_ENV)}
+    parent = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']);" \
+             " time.sleep(300)"
+    procs = [subprocess.Popen([sys.executable, "-c", parent], env={**base, MARKER_ENV: str(temp), NODE_ENV: "w-1"}),
+             subprocess.Popen([sys.executable, "-c", SLEEP], env={**base, MARKER_ENV: str(temp)}),
+             subprocess.Popen([sys.executable, "-c", SLEEP], env={**base, MARKER_ENV: str(temp), NODE_ENV: "w-2"})]
+    try:
+        _wait_until(lambda: len(psutil_module().Process(procs[0].pid).children()) == 1)
+        child = psutil_module().Process(procs[0].pid).children()[0].pid
+        assert _pids(node_processes(temp, "w-1")) == {procs[0].pid, child}
+        assert sorted(kill_node(temp, "w-1")) == sorted([procs[0].pid, child])
+        procs[0].wait(timeout=10)
+        _wait_until(lambda: not _running(child))
+        assert _running(procs[1].pid) and _running(procs[2].pid)
+        assert kill_node(temp, "w-1") == []
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 def test_the_env_file_keeps_clients_of_a_loopback_cluster_on_loopback(home, tmp_path):

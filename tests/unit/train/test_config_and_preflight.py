@@ -152,3 +152,49 @@ def test_cli_status_and_list(small_dataset, tmp_path):
     assert res.output.count("step ") == 2
     res = runner.invoke(cli, ["train", "status", "nope", "--storage", str(tmp_path / "st")])
     assert res.exit_code == 1 and "no run at" in res.output
+
+
+def test_num_workers_range_on_the_cli_is_elastic():
+    """`--num-workers 1-2` -> min_workers 1, num_workers 2; `--num-workers 2` is a fixed group even if the YAML was
+    elastic; a bad range is a usage error naming the option."""
+    from chatray.train.commands import _overrides
+
+    def cfg(num_workers, *sets):
+        return load_config(FinetuneConfig, None, _overrides(tuple(sets), None, None, None, None, num_workers, None))
+
+    elastic = cfg((1, 2))
+    assert (elastic.scaling.min_workers, elastic.scaling.num_workers) == (1, 2)
+    fixed = cfg((None, 2), "scaling.min_workers=1")
+    assert (fixed.scaling.min_workers, fixed.scaling.num_workers) == (None, 2)
+    res = CliRunner().invoke(cli, ["train", "--num-workers", "2-1"])
+    assert res.exit_code == 2 and "--num-workers" in res.output and "1 <= MIN <= MAX" in res.output
+    res = CliRunner().invoke(cli, ["train", "--num-workers", "two"])
+    assert res.exit_code == 2 and "expected a number of workers N or a range MIN-MAX" in res.output
+
+
+def test_scaling_problems_are_named():
+    with pytest.raises(ConfigError) as e:
+        load_config(FinetuneConfig, None, ["scaling.num_workers=1", "scaling.min_workers=2",
+                                           "scaling.resources_per_worker={CPU: 1, slot: 0}"])
+    text = str(e.value)
+    assert "min_workers (2) must be <= num_workers (1)" in text
+    assert "resources_per_worker.CPU: set cpus_per_worker / use_gpu instead" in text
+    assert "resources_per_worker.slot must be > 0, got 0" in text
+    with pytest.raises(ConfigError, match="placement_strategy: must be one of 'PACK', 'SPREAD'"):
+        load_config(FinetuneConfig, None, ["scaling.placement_strategy=EVERYWHERE"])
+
+
+def test_scaling_config_fixed_and_elastic():
+    """What Ray Train gets: num_workers as an int or Ray Train V2's (min, max), the placement, custom resources."""
+    from chatray.train.trainer import scaling_config
+
+    fixed = scaling_config(load_config(FinetuneConfig, None, ["scaling.num_workers=2",
+                                                              "scaling.placement_strategy=STRICT_SPREAD",
+                                                              "scaling.resources_per_worker={slot: 1}"]),
+                           {"CPU": 0.5})
+    assert fixed.num_workers == 2 and fixed.placement_strategy == "STRICT_SPREAD" and not fixed.elasticity_enabled
+    assert fixed.resources_per_worker == {"CPU": 0.5, "slot": 1}
+    elastic = scaling_config(load_config(FinetuneConfig, None, ["scaling.num_workers=2", "scaling.min_workers=1"]),
+                             {"CPU": 1})
+    assert elastic.num_workers == (1, 2) and elastic.elasticity_enabled
+    assert (elastic.min_workers, elastic.max_workers) == (1, 2)
