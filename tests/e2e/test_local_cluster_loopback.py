@@ -15,7 +15,7 @@ import psutil
 import pytest
 from support.ports import free_port
 from support.serve_probe import probe_running
-from support.sockets import assert_loopback_only, listeners, report
+from support.sockets import assert_loopback_only, exposed_listeners, listeners, report
 
 from chatray.localcluster import LocalCluster, cluster_processes, start_local_cluster, stop_local_cluster
 from chatray.rayenv import ray_auth_env
