@@ -66,6 +66,16 @@ def _belongs(info: Mapping[str, Any], dirs: set[str], by_flags: bool) -> bool:
     return False
 
 
+def _add_with_descendants(found: dict[int, Any], p: Any, psutil: Any) -> None:
+    """Add ``p`` and every process below it to ``found`` (by PID); a process gone meanwhile is skipped."""
+    found.setdefault(p.pid, p)
+    try:
+        for child in p.children(recursive=True):
+            found.setdefault(child.pid, child)
+    except psutil.Error:
+        pass
+
+
 def cluster_processes(temp_dir: str | os.PathLike[str]) -> list[Any]:
     """The running processes of the local cluster whose Ray temp dir is ``temp_dir``, as ``psutil.Process``.
 
@@ -87,12 +97,7 @@ def cluster_processes(temp_dir: str | os.PathLike[str]) -> list[Any]:
         if p.pid in skip or (uid is not None and uids is not None and uids.real != uid):
             continue
         if _belongs(p.info, dirs, by_flags):
-            found.setdefault(p.pid, p)
-            try:
-                for child in p.children(recursive=True):
-                    found.setdefault(child.pid, child)
-            except psutil.Error:
-                pass
+            _add_with_descendants(found, p, psutil)
     for pid in skip:
         found.pop(pid, None)
     return sorted(found.values(), key=lambda p: p.pid)
@@ -183,12 +188,7 @@ def node_processes(temp_dir: str | os.PathLike[str], node: str) -> list[Any]:
         except psutil.Error:  # gone, or its environment unreadable: a worker is still found as a descendant
             continue
         if mine:
-            found.setdefault(p.pid, p)
-            try:
-                for child in p.children(recursive=True):
-                    found.setdefault(child.pid, child)
-            except psutil.Error:
-                pass
+            _add_with_descendants(found, p, psutil)
     return sorted(found.values(), key=lambda p: p.pid)
 
 

@@ -46,8 +46,9 @@ def test_auth_header_from_token_file(tmp_path, monkeypatch):
     assert submit._auth_headers() == {}
 
 
-def test_submit_builds_entrypoint_with_absolute_paths(tmp_path, monkeypatch):
-    seen = {}
+def _fake_jobs_api(monkeypatch) -> dict:
+    """Replace the Jobs API client; returns the dict that receives what ``submit_job`` was given."""
+    seen: dict = {}
 
     class FakeClient:
         def submit_job(self, **kw):
@@ -55,6 +56,11 @@ def test_submit_builds_entrypoint_with_absolute_paths(tmp_path, monkeypatch):
             return kw["submission_id"]
 
     monkeypatch.setattr(submit, "job_client", lambda address=None: FakeClient())
+    return seen
+
+
+def test_submit_builds_entrypoint_with_absolute_paths(tmp_path, monkeypatch):
+    seen = _fake_jobs_api(monkeypatch)
     monkeypatch.chdir(tmp_path)
     job = submit.submit_training(str(REPO / "jobs" / "finetune_tiny.yaml"), ["train.max_steps=5"],
                                  address="http://127.0.0.1:1")
@@ -75,14 +81,7 @@ FAKE_SECRETS = {"AWS_SECRET_ACCESS_KEY": "fake-aws-secret-123", "AWS_SESSION_TOK
 
 
 def _submitted_env(monkeypatch, forward_env: tuple[str, ...] = ()) -> dict[str, str]:
-    seen = {}
-
-    class FakeClient:
-        def submit_job(self, **kw):
-            seen.update(kw)
-            return kw["submission_id"]
-
-    monkeypatch.setattr(submit, "job_client", lambda address=None: FakeClient())
+    seen = _fake_jobs_api(monkeypatch)
     submit.submit_training(str(REPO / "jobs" / "finetune_tiny.yaml"), [], address="http://127.0.0.1:1",
                            forward_env=forward_env)
     return seen["runtime_env"]["env_vars"]
