@@ -14,7 +14,7 @@ import os
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chatray.errors import ChatrayError
 from chatray.serve.settings import GeneratorSettings, IngressSettings, SamplingDefaults
@@ -41,7 +41,16 @@ class ServeArgs(BaseModel):
                                      "when set, it is used instead of api_key_env")
     device: str = Field("auto", description="auto (GPU when the replica has one), cpu, cuda, cuda:N")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field("auto", description="weights dtype")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="requests decoded together per replica")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="requests decoded together per replica (vLLM's "
+                                "max_num_seqs): the KV cache holds this many sequences")
+    max_model_len: int | None = Field(None, ge=8, description="most tokens (prompt + output) per request; the KV "
+                                      "cache gives each running request this many positions (default: the model's "
+                                      "context)")
+    max_num_batched_tokens: int = Field(2048, ge=2, le=1 << 20, description="tokens one engine step processes: "
+                                        "every running request's next token, then prompt chunks")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of the GPU's memory a replica uses "
+                                          "(weights, KV cache, work); fewer than max_batch_size run when it is short")
+    cuda_graphs: bool = Field(True, description="replay decode steps as CUDA graphs on a GPU")
     batch_wait_timeout_s: float = Field(0.0, ge=0, le=10, description="idle replica waits this long to batch")
     max_tokens: int = Field(256, ge=1, description="default max_tokens when a request has none")
     temperature: float = Field(0.7, ge=0, le=2, description="default temperature (0 = greedy)")
@@ -55,6 +64,13 @@ class ServeArgs(BaseModel):
     request_timeout_s: float = Field(100.0, gt=0, description="per-request limit in the ingress (408 after)")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After seconds on 503/429 when overloaded")
     step_delay_s: float = Field(0.0, ge=0, le=5, description="testing only: sleep after each decode step")
+
+    @model_validator(mode="after")
+    def _token_budget(self) -> ServeArgs:
+        if self.max_num_batched_tokens <= self.max_batch_size:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must exceed max_batch_size "
+                             f"({self.max_batch_size}): each step decodes up to max_batch_size tokens first")
+        return self
 
     @field_validator("checkpoint")
     @classmethod
@@ -99,6 +115,8 @@ class ServeArgs(BaseModel):
         return GeneratorSettings(
             model=model, model_name=self.served_model_name(),
             cache_dir=self.cache_dir, device=self.device, dtype=self.dtype, max_batch_size=self.max_batch_size,
+            max_model_len=self.max_model_len, max_num_batched_tokens=self.max_num_batched_tokens,
+            gpu_memory_utilization=self.gpu_memory_utilization, cuda_graphs=self.cuda_graphs,
             batch_wait_timeout_s=self.batch_wait_timeout_s, step_delay_s=self.step_delay_s,
             sampling=self.sampling_defaults(), max_n=self.max_n)
 

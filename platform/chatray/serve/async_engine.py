@@ -143,6 +143,17 @@ class AsyncEngine:
         except RuntimeError:  # the request's event loop is closed: nobody is listening any more
             self.engine.abort_request(rid)
 
+    def _deliver_failures(self) -> None:
+        """Requests that failed alone (the rest of the batch went on) get their error."""
+        failures = self.engine.take_failures()
+        if not failures:
+            return
+        if self._metrics is not None:
+            self._metrics.failed([rid for rid, _ in failures])
+        for rid, why in failures:
+            self.last_error = why
+            self._deliver(rid, EngineError(f"generation failed: {why}"))
+
     def _run(self) -> None:
         while not self._stop.is_set():
             if not self.engine.has_unfinished():
@@ -171,5 +182,6 @@ class AsyncEngine:
                                    self.engine.kv_cache_usage())
             for out in outputs:
                 self._deliver(out.request_id, out)
+            self._deliver_failures()
             if self.step_delay_s > 0:
                 time.sleep(self.step_delay_s)

@@ -1,119 +1,123 @@
-"""The generation core: continuous batching over a KV cache, per-request sampling, exact stop handling.
+"""The generation core: a KV cache allocated once, scheduling by token budget, sampling on the device.
 
-Imports only torch, transformers and chatray.model (never Ray): the Serve ``Generator`` deployment wraps it, and
+Imports only torch, transformers and chatray (never Ray): the Serve ``Generator`` deployment wraps it, and
 ``benchmarks/gpu_serve.py`` drives the very same code on a GPU machine that has no Ray.
 
 How a batch runs (one :meth:`GenerationEngine.step`):
-  1. requests cancelled since the last step leave the batch;
-  2. one decode step for every running row (one new token each, per-row sampling settings);
-  3. waiting requests join: their prompts are prefilled together (left-padded) and merged into the running
-     batch's KV cache, so a new request starts at the next step instead of waiting for the batch to drain;
-  4. rows that hit EOS, a stop string or ``max_tokens`` leave the batch.
+  1. requests cancelled since the last step leave (their cache slots are freed, nothing else moves);
+  2. one decode step for every running sequence: one forward over cache slots ``0..R-1`` (replayed as a CUDA
+     graph on a GPU), one token each, sampled on the device with each request's own settings and seed;
+  3. prompts are prefilled with the tokens left in ``max_num_batched_tokens``, in arrival order; a long prompt
+     is cut into chunks over several steps; a completed prompt samples its first token and starts decoding;
+  4. sequences that hit EOS, a stop string or ``max_tokens`` leave and free their slot.
 
-Rows are left-padded to a common cache length; a 2-D attention mask hides the padding and position ids
-are counted per row, so a row computes exactly what it would compute alone (up to float rounding).
+The step goes to the host once, for the sampled token ids (and for logprobs, when a request asks for them).
+A request that fails fails alone: the engine retries a failed forward row by row to find it, then goes on.
 
-Beside it: :mod:`~chatray.serve.async_engine` (the step loop on a thread, for asyncio callers),
-:mod:`~chatray.serve.kvcache` (the cache across transformers versions), :mod:`~chatray.serve.detokenize`
-(streamed text and stop strings), :mod:`~chatray.serve.sampling` (the batched sampler) and
-:mod:`~chatray.serve.outputs` (what a step hands back).
+Beside it: :mod:`~chatray.serve.gpt2` (the forward pass), :mod:`~chatray.serve.kvcache` (the cache),
+:mod:`~chatray.serve.scheduler` (who runs), :mod:`~chatray.serve.slotstate` and :mod:`~chatray.serve.sampling`
+(the sampler), :mod:`~chatray.serve.cudagraphs`, :mod:`~chatray.serve.detokenize` (streamed text and stop strings),
+:mod:`~chatray.serve.outputs` (what a step hands back) and :mod:`~chatray.serve.async_engine` (the step loop on a
+thread, for asyncio callers).
 """
 
 from __future__ import annotations
 
-import inspect
+import logging
 import threading
 import uuid
-from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 
 from chatray.model import config_context_length
+from chatray.serve.cudagraphs import DecodeGraphs
 from chatray.serve.detokenize import Detokenizer
-from chatray.serve.kvcache import cache_kwarg, cache_tensors, new_cache, returned_cache, set_cache_tensors
-from chatray.serve.logprobs import TokenLogprob, position_logprobs, prompt_logprobs
-from chatray.serve.outputs import Completion, FinishReason, StepOutput, gather_outputs
-from chatray.serve.sampling import SamplingParams, make_generator, sample
+from chatray.serve.gpt2 import GPT2Forward
+from chatray.serve.kvcache import KVCache, cache_slots_for_budget
+from chatray.serve.logprobs import TokenLogprob, position_logprobs
+from chatray.serve.outputs import Completion, EngineError, StepOutput, gather_outputs
+from chatray.serve.sampling import SamplerPlan, SamplingParams, new_seed, sample, seeded_uniforms
+from chatray.serve.scheduler import Chunk, Scheduler
+from chatray.serve.scheduler import Sequence as Seq
+from chatray.serve.slotstate import SlotState
 
 __all__ = ["GenerationEngine"]
 
-@dataclass
-class _Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    generator: torch.Generator
-    text: Detokenizer
-    output_ids: list[int] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
-    step_logprob: TokenLogprob | None = None  # this step's token, until _consume hands it out
-    prompt_lps: tuple[TokenLogprob, ...] | None = None  # computed at prefill, handed out with the first output
-
-
-def _left_pad(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class GenerationEngine:
-    """Continuous batching generation over one causal LM (synchronous; not thread-safe except add/abort).
+    """Continuous batching generation over one GPT-2-family model (synchronous; add/abort are thread-safe).
 
     Args:
-        model: a causal LM (GPT-2 family) in eval mode, on its device.
+        model: a ``GPT2LMHeadModel`` in eval mode, on its device and dtype.
         tokenizer: the matching tokenizer (decodes output; its ``len`` bounds sampled ids).
-        max_batch_size: at most this many requests decode together; the rest wait.
-        context_length: the model's context (defaults to the model config's, see
-            :func:`chatray.model.config_context_length`).
-        eos_token_ids: extra ids that end generation (defaults: generation_config and tokenizer EOS).
+        max_batch_size: sequences that run at once (vLLM's ``max_num_seqs``): the KV cache's slots.
+        max_model_len: the most tokens (prompt + output) of one request (default: the model's context).
+        max_num_batched_tokens: tokens one step processes (decode tokens first, then prompt chunks); must
+            exceed ``max_batch_size`` so that prompts always make progress.
+        kv_cache_bytes: memory the KV cache may take; fewer slots than ``max_batch_size`` when it holds fewer
+            (None: no limit on CPU; on a GPU, ``gpu_memory_utilization`` of the card minus what is in use).
+        gpu_memory_utilization: share of the GPU's memory this replica may use in all (weights, cache, work).
+        cuda_graphs: replay decode steps as CUDA graphs (on a CUDA device only).
+        eos_token_ids: ids that end generation (defaults: generation_config and tokenizer EOS).
+        context_length: an older name of ``max_model_len``.
+
+    Raises:
+        ValueError: a model this engine cannot serve, or settings that cannot work (each named).
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        tokenizer: Any,
-        *,
-        max_batch_size: int,
-        context_length: int | None = None,
-        eos_token_ids: Sequence[int] | None = None,
-    ) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch_size: int,
+                 max_model_len: int | None = None, max_num_batched_tokens: int = 2048,
+                 kv_cache_bytes: int | None = None, gpu_memory_utilization: float = 0.9, cuda_graphs: bool = True,
+                 eos_token_ids: Sequence[int] | None = None, context_length: int | None = None) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_num_batched_tokens <= max_batch_size:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must exceed max_batch_size "
+                             f"({max_batch_size}): every step decodes up to max_batch_size tokens first")
         self.model = model
         self.tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
-        cfg = model.config
-        # 1024 (GPT-2's context) for a config that names none.
-        self.context_length = int(context_length or config_context_length(cfg) or 1024)
-        self.device = next(model.parameters()).device
-        self.vocab_size = int(cfg.vocab_size)
+        self.forward = GPT2Forward(model)
+        ctx = int(config_context_length(model.config) or 1024)
+        self.context_length = int(max_model_len or context_length or ctx)
+        if self.context_length > ctx:
+            raise ValueError(f"max_model_len {self.context_length} exceeds the model's context of {ctx} tokens")
+        self.device = self.forward.device
+        self.vocab_size = int(model.config.vocab_size)
         # Ids past the tokenizer's vocabulary (padded embedding rows) can never be decoded: never sample them.
         self._vocab_limit = len(tokenizer) if len(tokenizer) < self.vocab_size else None
         self.eos_token_ids = frozenset(eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._pad_id = int(pad if pad is not None else 0)
-        self._cache_kw = cache_kwarg(model)
-        self._supports_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        shape = self.forward.cache_shape(self.context_length)
+        if kv_cache_bytes is None and self.device.type == "cuda":
+            kv_cache_bytes = _gpu_cache_budget(self.device, gpu_memory_utilization, max_num_batched_tokens,
+                                               self.vocab_size, self.forward.n_embd)
+        slots = cache_slots_for_budget(shape, self.forward.dtype, max_batch_size, kv_cache_bytes)
+        self.cache = KVCache(shape, slots, self.forward.dtype, self.device)
+        self.max_batch_size = slots
+        self.slots = SlotState(slots, self.vocab_size, self.device)
+        self.scheduler = Scheduler(self.cache, max_num_batched_tokens)
+        self._graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            self._graphs = DecodeGraphs(self._eager_decode, max_rows=slots, max_len=self.context_length,
+                                        scratch=self.cache.scratch, device=self.device)
         self._lock = threading.Lock()
-        self._waiting: deque[_Sequence] = deque()
-        self._joining: list[_Sequence] = []
+        self._incoming: list[Seq] = []
         self._aborted: set[str] = set()
         self._known: set[str] = set()
-        self._reset_batch()
-        self.stats = {"requests": 0, "finished": 0, "aborted": 0, "steps": 0, "generated_tokens": 0,
+        self._failures: list[tuple[str, str]] = []
+        self.stats = {"requests": 0, "finished": 0, "aborted": 0, "failed": 0, "steps": 0, "generated_tokens": 0,
                       "max_batch_seen": 0}
 
     # ------------------------------------------------------------------ public, thread-safe
     def add_request(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams) -> None:
-        """Queue a request; it joins the batch at the next :meth:`step`.
+        """Queue a request; it starts at the next :meth:`step` that has a free slot.
 
         Raises:
-            ValueError: empty prompt, ids outside the vocabulary, or prompt + max_tokens over the context
+            ValueError: empty prompt, ids outside the vocabulary, or prompt + max_tokens over max_model_len
                 (the message names both numbers), or a duplicate request id.
         """
         ids = [int(i) for i in prompt_ids]
@@ -126,17 +130,16 @@ class GenerationEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {len(ids) + params.max_tokens} "
                 f"exceeds the model's context of {self.context_length} tokens"
             )
-        seq = _Sequence(request_id, ids, params, make_generator(params.seed),
-                        Detokenizer(self.tokenizer, params.stop))
+        seq = Seq(request_id, ids, params, new_seed(params.seed), Detokenizer(self.tokenizer, params.stop))
         with self._lock:
             if request_id in self._known:
                 raise ValueError(f"duplicate request id {request_id!r}")
             self._known.add(request_id)
-            self._waiting.append(seq)
+            self._incoming.append(seq)
             self.stats["requests"] += 1
 
     def abort_request(self, request_id: str) -> None:
-        """Drop a request (client gone): it leaves the batch at the next step; unknown ids are ignored."""
+        """Drop a request (client gone): it leaves at the next step; unknown ids are ignored."""
         with self._lock:
             if request_id in self._known:
                 self._aborted.add(request_id)
@@ -144,65 +147,65 @@ class GenerationEngine:
     def has_unfinished(self) -> bool:
         """Whether any request is running or waiting."""
         with self._lock:
-            return bool(self._rows or self._waiting)
+            return bool(self._incoming or self._aborted or self.scheduler.waiting or self.scheduler.holding_slots())
 
     def num_running(self) -> int:
-        return len(self._rows)
+        return len(self.scheduler.holding_slots())
 
     def num_waiting(self) -> int:
         with self._lock:
-            return len(self._waiting)
+            return len(self.scheduler.waiting) + len(self._incoming)
 
     def kv_cache_usage(self) -> float:
-        """The share of the cache's capacity (max_batch_size rows x context positions) the batch holds, padding
-        included, as vLLM's kv_cache_usage_perc counts allocated blocks; call it between steps (step thread)."""
-        rows, width = self._mask.shape if self._mask is not None else (0, 0)
-        return rows * width / (self.max_batch_size * self.context_length)
+        """The share of the KV cache's slots held by requests (call it between steps, on the step thread)."""
+        return self.cache.used_slots / self.cache.num_slots
+
+    def take_failures(self) -> list[tuple[str, str]]:
+        """Requests that failed alone since the last call, with why: (request id, message)."""
+        failures, self._failures = self._failures, []
+        return failures
 
     # ------------------------------------------------------------------ the step
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Advance every running request by one token and admit waiting ones.
+        """Decode every running request by one token, then prefill prompts within the token budget.
 
         Returns:
-            One :class:`StepOutput` per request that was in the batch (finished ones carry finish_reason).
+            One :class:`StepOutput` per request that produced a token (finished ones carry finish_reason).
+            Requests that failed alone are reported by :meth:`take_failures`.
         """
+        self._take_incoming()
         outputs: list[StepOutput] = []
-        self._drop_aborted()
-        if self._rows:
-            tokens = self._decode_step()
-            outputs += self._consume(self._rows, tokens)
-        with self._lock:
-            free = self.max_batch_size - len(self._rows)
-            joining = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
-            self._joining = joining  # owned by this step until merged: fail_all must see them too
-        # Rows scoring their prompt keep every position's logits (T x V each): prefill them apart from the others.
-        plain = [s for s in joining if s.params.prompt_logprobs is None]
-        for group in (g for g in (plain, [s for s in joining if s.params.prompt_logprobs is not None]) if g):
-            state, tokens = self._prefill(group)
-            outputs += self._consume(group, tokens)
-            self._merge(group, state)
-        self._joining = []
+        running = list(self.scheduler.running)
+        if running:
+            sampled = self._isolated(self._decode, running, packed=True)
+            outputs += self._consume([s for s, _ in sampled], [t for _, t in sampled])
+        chunks = self.scheduler.schedule_prefill(len(running))
+        if chunks:
+            sampled = self._isolated(self._prefill, chunks)
+            outputs += self._consume([s for s, _ in sampled], [t for _, t in sampled])
         self._drop_finished()
         self.stats["steps"] += 1
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self._rows))
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self.scheduler.running))
         return outputs
 
     def fail_all(self) -> list[str]:
         """Forget every running and waiting request (after an engine error); returns their ids."""
         with self._lock:
-            ids = [s.request_id for s in (*self._rows, *self._joining, *self._waiting)]
-            ids = list(dict.fromkeys(ids))
-            self._waiting.clear()
-            self._joining = []
+            seqs = [*self.scheduler.clear(), *self._incoming]
+            self._incoming = []
+            ids = list(dict.fromkeys(s.request_id for s in seqs))
             self._aborted.clear()
             self._known.difference_update(ids)
-        self._reset_batch()
         return ids
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
                  ) -> list[Completion]:
-        """Run ``prompts`` to completion through the batching path (offline use, tests, benchmarks)."""
+        """Run ``prompts`` to completion (offline use, tests, benchmarks).
+
+        Raises:
+            EngineError: a request failed.
+        """
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         ids = [f"gen-{uuid.uuid4().hex}" for _ in prompts]
         for rid, p, sp in zip(ids, prompts, plist):
@@ -214,182 +217,216 @@ class GenerationEngine:
                 outs[out.request_id].append(out)
                 if out.finish_reason is not None:
                     done[out.request_id] = gather_outputs(outs[out.request_id])
+            for rid, why in self.take_failures():
+                raise EngineError(f"request {rid} failed: {why}")
         return [done[rid] for rid in ids]
 
-    # ------------------------------------------------------------------ internals
-    def _reset_batch(self) -> None:
-        self._rows: list[_Sequence] = []
-        self._cache: Any = None
-        self._mask: torch.Tensor | None = None  # (B, T) long: 1 = real token in the cache
-        # Per-row tensors, all (B, ...) in the order of _rows; rows join (cat) and leave (index_select) together:
-        #   next_pos (B,) position id of the pending token; last (B,) sampled token not yet in the cache;
-        #   seen (B, V) bool, tokens in prompt or output; counts (B, V) float, occurrences in the output;
-        #   temperature, top_k, top_p, penalty, presence, frequency (B,) each: the rows' sampling settings.
-        self._row: dict[str, torch.Tensor] = {}
+    # ------------------------------------------------------------------ the forward passes
+    def _eager_decode(self, tokens: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor,
+                      attn_len: int) -> torch.Tensor:
+        return self.forward.decode_logits(tokens, positions, write_pos, self.cache, attn_len)
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
-                 last_only: bool) -> tuple[torch.Tensor, Any]:
-        kwargs: dict[str, Any] = {self._cache_kw: cache, "use_cache": True}
-        if last_only and self._supports_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **kwargs)
-        return out.logits, returned_cache(out)  # (B, T or 1, V)
+    def _decode(self, seqs: list[Seq], packed: bool = False) -> list[tuple[Seq, int]]:
+        """One token for each of ``seqs``. ``packed``: they are all the running sequences, and the step covers
+        cache slots ``0..R-1`` as views (the CUDA-graph path); otherwise just their slots (a gather)."""
+        attn_len = max(s.length for s in seqs)
+        if packed:
+            rows = self.cache.high_water()
+            host = [[0] * rows, [0] * rows, [self.cache.scratch] * rows, [0] * rows]
+            for s in seqs:
+                host[0][s.slot], host[1][s.slot], host[2][s.slot] = s.output_ids[-1], s.length - 1, s.length - 1
+                host[3][s.slot] = len(s.output_ids)
+            inputs = torch.tensor(host, dtype=torch.long).to(self.device, non_blocking=True)
+            run = self._graphs if self._graphs is not None else (
+                lambda x, n: self._eager_decode(x[0], x[1], x[2], n))
+            logits = run(inputs[:3], attn_len)  # (rows, V)
+            index: torch.Tensor | int = rows
+            counters = inputs[3]
+            picked = [s.slot for s in seqs]
+        else:
+            host = [[s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs], [len(s.output_ids) for s in seqs],
+                    [s.slot for s in seqs]]
+            inputs = torch.tensor(host, dtype=torch.long).to(self.device, non_blocking=True)
+            h = self.forward.hidden(inputs[0, :, None], inputs[1, :, None], inputs[1, :, None], self.cache,
+                                    attn_len, slots=inputs[3])
+            logits, index, counters, picked = self.forward.logits(h[:, 0]), inputs[3], inputs[2], None
+        tokens = self._sample(logits, seqs, index, counters, picked)[1]
+        return list(zip(seqs, tokens))
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Sequence],
-                row: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-        """One token per row: (B,) on the device (fed back to the model) and as a list (for the host)."""
-        want = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
+    def _prefill(self, chunks: list[Chunk]) -> list[tuple[Seq, int]]:
+        """Write the chunks' prompt tokens to the cache; sample the first token of prompts that complete."""
+        width = max(c.end - c.start for c in chunks)
+        n = len(chunks)
+        tokens = torch.zeros((n, width), dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        write = torch.full((n, width), self.cache.scratch, dtype=torch.long)
+        keep: list[int] = []  # flat (row * width + column) indices whose logits are needed
+        for i, c in enumerate(chunks):
+            m = c.end - c.start
+            tokens[i, :m] = torch.tensor(c.seq.prompt_ids[c.start:c.end])
+            positions[i, :m] = write[i, :m] = torch.arange(c.start, c.end)
+            if c.seq.params.prompt_logprobs is not None:
+                keep += range(i * width, i * width + m)
+            elif c.completes:
+                keep.append(i * width + m - 1)
+        slots = torch.tensor([c.seq.slot for c in chunks], dtype=torch.long)
+        dev = self.device
+        h = self.forward.hidden(tokens.to(dev), positions.to(dev), write.to(dev), self.cache,
+                                max(c.end for c in chunks), slots=slots.to(dev))
+        for c in chunks:
+            self.scheduler.prefilled(c)
+        if not keep:  # only partial prompts: nothing to score or sample yet
+            return []
+        picked = torch.tensor(keep, dtype=torch.long, device=dev)
+        logits = self.forward.logits(h.view(n * width, -1).index_select(0, picked))
+        done, last_rows, at = [], [], 0
+        for c in chunks:
+            m = c.end - c.start
+            if c.seq.params.prompt_logprobs is not None:
+                self._score_prompt(c, logits[at:at + m])
+                at += m
+                if c.completes:
+                    done.append(c.seq)
+                    last_rows.append(at - 1)
+            elif c.completes:
+                done.append(c.seq)
+                last_rows.append(at)
+                at += 1
+        if not done:
+            return []
+        done_slots = torch.tensor([s.slot for s in done], dtype=torch.long).to(dev)
+        self.slots.assign(done_slots, [s.params for s in done], [s.seed for s in done], [s.prompt_ids for s in done])
+        counters = torch.zeros(len(done), dtype=torch.long, device=dev)
+        last = logits.index_select(0, torch.tensor(last_rows, dtype=torch.long, device=dev))
+        tokens_out = self._sample(last, done, done_slots, counters, None)[1]
+        return list(zip(done, tokens_out))
+
+    def _score_prompt(self, chunk: Chunk, logits: torch.Tensor) -> None:
+        """Logprobs of prompt tokens ``start + 1 .. end`` from the chunk's logits (the first token has none)."""
+        seq, k = chunk.seq, chunk.seq.params.prompt_logprobs or 0
+        targets = seq.prompt_ids[chunk.start + 1:chunk.end + 1]  # position j predicts token j + 1
+        entries = [TokenLogprob(seq.prompt_ids[0], None)] if chunk.start == 0 else []
+        if targets:
+            entries += position_logprobs(logits[:len(targets)].float(),
+                                         torch.tensor(targets, device=logits.device), k)
+        seq.prompt_lps = (seq.prompt_lps or []) + entries
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, logits: torch.Tensor, rows: list[Seq], index: torch.Tensor | int, counters: torch.Tensor,
+                picked: list[int] | None) -> tuple[torch.Tensor, list[int]]:
+        """One token per sequence in ``rows``: (logits' rows, on the device) and as a list (the host round trip).
+
+        Args:
+            logits: (B, V) where B is ``len(rows)`` or, for a packed decode, the slots ``0..index-1``.
+            index: the logits rows' slots (a tensor), or ``B`` for slots ``0..B-1``.
+            counters: (B,) which token of its request each row draws (the seeded stream's position).
+            picked: for a packed decode, the slot (logits row) of each sequence in ``rows``.
+        """
+        where = picked if picked is not None else list(range(len(rows)))
+        want = [(i, r) for i, r in zip(where, rows) if r.params.logprobs is not None]
         if want:  # logprobs are the raw distribution: keep a copy of the logits before masking and penalties
-            pick = torch.tensor(want, dtype=torch.long, device=logits.device)
-            raw = logits.index_select(0, pick)  # (W, V)
+            raw = logits.index_select(0, torch.tensor([i for i, _ in want], device=logits.device))
         if self._vocab_limit is not None:
             logits[:, self._vocab_limit:] = float("-inf")
-        uniforms = torch.stack([torch.rand((), generator=s.generator) for s in rows])  # (B,)
-        # Decided on the host: a batch without presence/frequency penalties skips their work and a device sync.
-        penalize = any(s.params.presence_penalty or s.params.frequency_penalty for s in rows)
-        tokens = sample(logits, temperature=row["temperature"], top_k=row["top_k"], top_p=row["top_p"],
-                        repetition_penalty=row["penalty"], uniforms=uniforms, seen=row["seen"],
-                        counts=row["counts"] if penalize else None, presence_penalty=row["presence"],
-                        frequency_penalty=row["frequency"])
-        every = torch.arange(len(rows), device=tokens.device)
-        row["seen"][every, tokens] = True
-        if penalize:
-            row["counts"][every, tokens] += 1
+        plan = SamplerPlan.of([r.params for r in rows])
+        state = self.slots.rows(index)
+        seeds = self.slots.seed[:index] if isinstance(index, int) else self.slots.seed.index_select(0, index)
+        tokens = sample(logits, **{k: v for k, v in state.items() if k not in ("seen", "counts")},
+                        uniforms=seeded_uniforms(seeds, counters), seen=state["seen"],
+                        counts=state["counts"] if plan.presence_frequency else None, plan=plan)
+        self.slots.record(index, tokens, count=plan.presence_frequency)
+        host = tokens.tolist()  # the step's one wait for the device
         if want:
-            k = max(rows[i].params.logprobs or 0 for i in want)
-            for i, entry in zip(want, position_logprobs(raw, tokens.index_select(0, pick), k)):
-                rows[i].step_logprob = TokenLogprob(entry.token_id, entry.logprob, entry.top[:rows[i].params.logprobs])
-        return tokens, tokens.tolist()
+            k = max(r.params.logprobs or 0 for _, r in want)
+            chosen = torch.tensor([host[i] for i, _ in want], device=logits.device)
+            for (_, r), entry in zip(want, position_logprobs(raw, chosen, k)):
+                r.step_logprob = TokenLogprob(entry.token_id, entry.logprob, entry.top[:r.params.logprobs])
+        return tokens, [host[i] for i in where]
 
-    def _decode_step(self) -> list[int]:
-        assert self._mask is not None
-        row = self._row
-        mask = torch.cat([self._mask, self._mask.new_ones((len(self._rows), 1))], dim=1)  # (B, T+1)
-        logits, self._cache = self._forward(row["last"][:, None], mask, row["next_pos"][:, None], self._cache,
-                                            last_only=False)
-        self._mask = mask
-        row["next_pos"] = row["next_pos"] + 1
-        row["last"], tokens = self._sample(logits[:, -1, :], self._rows, row)
-        return tokens
+    # ------------------------------------------------------------------ bookkeeping
+    def _isolated(self, fn: Callable[..., list[T]], items: list[Any], **kwargs: Any) -> list[T]:
+        """``fn(items)``; if it raises, each item alone, so that only the failing request fails."""
+        try:
+            return fn(items, **kwargs)
+        except Exception as e:  # noqa: BLE001 - one bad request must not take the batch down
+            if len(items) == 1:
+                seq = items[0].seq if isinstance(items[0], Chunk) else items[0]
+                logger.exception("request %s failed", seq.request_id)
+                self._fail(seq, f"{type(e).__name__}: {e}")
+                return []
+            out: list[T] = []
+            for item in items:
+                out += self._isolated(fn, [item])
+            return out
 
-    def _row_params(self, rows: list[_Sequence]) -> dict[str, torch.Tensor]:
-        dev, n = self.device, len(rows)
-
-        def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=dev)
-
-        return {
-            "temperature": floats([s.params.temperature for s in rows]),
-            "top_k": torch.tensor([min(s.params.top_k, self.vocab_size) for s in rows], dtype=torch.long, device=dev),
-            "top_p": floats([s.params.top_p for s in rows]),
-            "penalty": floats([s.params.repetition_penalty for s in rows]),
-            "presence": floats([s.params.presence_penalty for s in rows]),
-            "frequency": floats([s.params.frequency_penalty for s in rows]),
-            "seen": torch.zeros((n, self.vocab_size), dtype=torch.bool, device=dev),
-            "counts": torch.zeros((n, self.vocab_size), dtype=torch.float32, device=dev),
-            "next_pos": torch.tensor([len(s.prompt_ids) for s in rows], dtype=torch.long, device=dev),
-        }
-
-    def _prefill(self, rows: list[_Sequence]) -> tuple[tuple[Any, torch.Tensor, dict[str, torch.Tensor]], list[int]]:
-        n, width = len(rows), max(len(s.prompt_ids) for s in rows)
-        ids = torch.full((n, width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, s in enumerate(rows):  # left padding: every row's last prompt token sits in the last column
-            ids[i, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
-            mask[i, width - len(s.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (n, width): per-row positions, 0 at the first real
-        scoring = any(s.params.prompt_logprobs is not None for s in rows)  # then every position's logits are kept
-        logits, cache = self._forward(ids, mask, positions, new_cache(), last_only=not scoring)  # (n, T or 1, V)
-        for i, s in enumerate(rows):
-            if s.params.prompt_logprobs is not None:
-                s.prompt_lps = tuple(prompt_logprobs(logits[i, width - len(s.prompt_ids):], s.prompt_ids,
-                                                     s.params.prompt_logprobs))
-        row = self._row_params(rows)
-        row["seen"].scatter_(1, ids, mask.bool())  # prompt tokens count for the repetition penalty; padding does not
-        row["last"], tokens = self._sample(logits[:, -1, :], rows, row)
-        return (cache, mask, row), tokens
-
-    def _merge(self, rows: list[_Sequence], state: tuple[Any, torch.Tensor, dict[str, torch.Tensor]]) -> None:
-        """Append prefilled rows (their cache, mask and per-row tensors) to the running batch."""
-        cache, mask, row = state
-        if not self._rows:
-            self._rows, self._cache, self._mask, self._row = list(rows), cache, mask, row
-            return
-        assert self._mask is not None
-        old_t, new_t = self._mask.shape[1], mask.shape[1]
-        width = max(old_t, new_t)
-        old_kv, new_kv = cache_tensors(self._cache), cache_tensors(cache)
-        merged = [
-            (torch.cat([_left_pad(ok, width - old_t, 2), _left_pad(nk, width - new_t, 2)], dim=0),
-             torch.cat([_left_pad(ov, width - old_t, 2), _left_pad(nv, width - new_t, 2)], dim=0))
-            for (ok, ov), (nk, nv) in zip(old_kv, new_kv)
-        ]
-        set_cache_tensors(self._cache, merged)
-        self._mask = torch.cat([_left_pad(self._mask, width - old_t, 1), _left_pad(mask, width - new_t, 1)])
-        self._rows += rows
-        self._row = {name: torch.cat([t, row[name]]) for name, t in self._row.items()}
-
-    def _keep_rows(self, keep: list[int]) -> None:
-        if len(keep) == len(self._rows):
-            return
-        if not keep:
-            self._reset_batch()
-            return
-        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self._rows = [self._rows[i] for i in keep]
-        mask = self._mask.index_select(0, idx)
-        # Columns that are padding in every remaining row are dead weight: trim them from the left.
-        first = int((mask.sum(dim=0) > 0).nonzero()[0])
-        self._mask = mask[:, first:]
-        set_cache_tensors(self._cache, [(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
-                                         for k, v in cache_tensors(self._cache)])
-        self._row = {name: t.index_select(0, idx) for name, t in self._row.items()}
-
-    def _drop_aborted(self) -> None:
+    def _fail(self, seq: Seq, why: str) -> None:
+        self.scheduler.drop([seq])
         with self._lock:
-            if not self._aborted:
-                return
+            self._known.discard(seq.request_id)
+        seq.finish_reason = "length"  # out of every list: nothing consumes it again
+        self._failures.append((seq.request_id, why))
+        self.stats["failed"] += 1
+
+    def _take_incoming(self) -> None:
+        with self._lock:
+            incoming, self._incoming = self._incoming, []
             aborted, self._aborted = self._aborted, set()
-            self._waiting = deque(s for s in self._waiting if s.request_id not in aborted)
             self._known.difference_update(aborted)
-        self.stats["aborted"] += len(aborted)
-        self._keep_rows([i for i, s in enumerate(self._rows) if s.request_id not in aborted])
+        self.scheduler.waiting.extend(incoming)
+        if aborted:
+            gone = [s for s in (*self.scheduler.waiting, *self.scheduler.holding_slots()) if s.request_id in aborted]
+            self.scheduler.drop(gone)
+            self.stats["aborted"] += len(gone)
 
     def _drop_finished(self) -> None:
-        done = [s.request_id for s in self._rows if s.finish_reason is not None]
-        if not done:
-            return
-        with self._lock:
-            self._known.difference_update(done)
-        self._keep_rows([i for i, s in enumerate(self._rows) if s.finish_reason is None])
+        done = [s for s in self.scheduler.running if s.finish_reason is not None]
+        if done:
+            self.scheduler.drop(done)
+            with self._lock:
+                self._known.difference_update(s.request_id for s in done)
 
-    def _consume(self, rows: list[_Sequence], tokens: list[int]) -> list[StepOutput]:
+    def _consume(self, rows: list[Seq], tokens: list[int]) -> list[StepOutput]:
         outs = []
         for seq, tok in zip(rows, tokens):
-            seq.output_ids.append(tok)
-            self.stats["generated_tokens"] += 1
-            is_eos = tok in self.eos_token_ids and not seq.params.ignore_eos
-            if is_eos or seq.text.add(seq.output_ids):
-                seq.finish_reason = "stop"
-            elif (len(seq.output_ids) >= seq.params.max_tokens
-                  or len(seq.prompt_ids) + len(seq.output_ids) >= self.context_length):
-                seq.finish_reason = "length"
-            if seq.finish_reason is not None:
-                self.stats["finished"] += 1
-                # What the window still holds goes out at the end; it may complete a stop string.
-                if (is_eos or seq.finish_reason == "length") and seq.text.flush(self._text_ids(seq)):
-                    seq.finish_reason = "stop"
-            delta = seq.text.take(final=seq.finish_reason is not None)
-            logprobs = (seq.step_logprob,) if seq.step_logprob is not None else ()
-            outs.append(StepOutput(seq.request_id, delta, seq.finish_reason, len(seq.prompt_ids),
-                                   len(seq.output_ids), logprobs, seq.prompt_lps))
-            seq.step_logprob = seq.prompt_lps = None
+            try:
+                outs.append(self._consume_one(seq, tok))
+            except Exception as e:  # noqa: BLE001 - e.g. a tokenizer that cannot decode: this request only
+                logger.exception("request %s failed", seq.request_id)
+                self._fail(seq, f"{type(e).__name__}: {e}")
         return outs
 
-    def _text_ids(self, seq: _Sequence) -> list[int]:
+    def _consume_one(self, seq: Seq, tok: int) -> StepOutput:
+        seq.output_ids.append(tok)
+        self.stats["generated_tokens"] += 1
+        is_eos = tok in self.eos_token_ids and not seq.params.ignore_eos
+        if is_eos or seq.text.add(seq.output_ids):
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= seq.params.max_tokens or seq.length >= self.context_length:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.stats["finished"] += 1
+            # What the window still holds goes out at the end; it may complete a stop string.
+            if (is_eos or seq.finish_reason == "length") and seq.text.flush(self._text_ids(seq)):
+                seq.finish_reason = "stop"
+        delta = seq.text.take(final=seq.finish_reason is not None)
+        logprobs = (seq.step_logprob,) if seq.step_logprob is not None else ()
+        prompt_lps = tuple(seq.prompt_lps) if seq.prompt_lps is not None else None
+        out = StepOutput(seq.request_id, delta, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids),
+                         logprobs, prompt_lps)
+        seq.step_logprob = seq.prompt_lps = None
+        return out
+
+    def _text_ids(self, seq: Seq) -> list[int]:
         """The output ids that make text: an EOS that ended the request is counted but not decoded."""
         return [i for i in seq.output_ids if not (i in self.eos_token_ids and not seq.params.ignore_eos)]
+
+
+def _gpu_cache_budget(device: torch.device, utilization: float, batched_tokens: int, vocab: int, embd: int) -> int:
+    """Bytes left for the KV cache on a GPU: ``utilization`` of the card, minus what is allocated now (the
+    weights) and a reserve for one step's activations (a full token budget's hidden states and logits)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    reserve = batched_tokens * embd * 4 * 16 + batched_tokens * vocab * 4 * 2 + (256 << 20)
+    return int(total * utilization) - torch.cuda.memory_allocated(device) - reserve
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:

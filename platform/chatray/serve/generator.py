@@ -77,8 +77,10 @@ class Generator:
             logger.warning("[chatray serve] warning: the tokenizer of %s has no chat template: "
                            "/v1/chat/completions uses chatray's", s.model.pinned)
         # vLLM's series on Ray's metrics endpoint, labelled with the model and (by Serve) this replica.
-        self._engine = AsyncEngine(GenerationEngine(model, tokenizer, max_batch_size=s.max_batch_size),
-                                   batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s,
+        core = GenerationEngine(model, tokenizer, max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
+                                max_num_batched_tokens=s.max_num_batched_tokens,
+                                gpu_memory_utilization=s.gpu_memory_utilization, cuda_graphs=s.cuda_graphs)
+        self._engine = AsyncEngine(core, batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s,
                                    metrics=EngineMetrics(ray_sink(s.model_name)))
         self._tokenizer = tokenizer
         self._defaults, self._max_n = s.sampling, s.max_n
@@ -90,7 +92,8 @@ class Generator:
             "run": m.run, "step": m.step, "eval_loss": m.eval_loss, "chat_template": template,
             "local_path": str(local),
             "context_length": self._engine.engine.context_length, "device": str(self._engine.engine.device),
-            "dtype": str(model.dtype).removeprefix("torch."), "max_batch_size": s.max_batch_size,
+            "dtype": str(model.dtype).removeprefix("torch."), "max_batch_size": core.max_batch_size,
+            "kv_cache_mib": round(core.cache.nbytes() / 2**20, 1), "max_num_batched_tokens": s.max_num_batched_tokens,
             "loaded_at": int(time.time()), "torch_threads": torch.get_num_threads(),
             "replica": serve.get_replica_context().replica_tag,
         }

@@ -75,7 +75,7 @@ SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec("num_requests_running", "gauge", "Number of requests in model execution batches."),
     MetricSpec("num_requests_waiting", "gauge", "Number of requests waiting to be processed."),
     MetricSpec("kv_cache_usage_perc", "gauge",
-               "KV-cache usage: rows x positions held / (max_batch_size x context). 1 means 100 percent usage."),
+               "KV-cache usage: slots held by requests / slots allocated. 1 means 100 percent usage."),
     MetricSpec("prompt_tokens", "counter", "Number of prefill tokens processed."),
     MetricSpec("generation_tokens", "counter", "Number of generation tokens processed."),
     MetricSpec("request_success", "counter", "Count of successfully processed requests.",

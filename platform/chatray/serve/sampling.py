@@ -4,20 +4,23 @@ Imports only torch (not Ray, not transformers): the engine calls :func:`sample` 
 one row per request, each row carrying its own temperature, top-k, top-p and penalties, so requests with
 different settings share one forward pass.
 
-Randomness comes from one ``torch.Generator`` per request (seeded by the request's ``seed``) that draws
-one uniform number per step on the CPU; the token is then picked by inverse-CDF on the device. A request
-therefore gets the same random stream whichever requests it is batched with, and on CPU or GPU alike.
+Randomness is counter-based and computed on the device: the uniform number a request draws for its n-th token
+is a hash of (its seed, n) (:func:`seeded_uniforms`), and the token is picked by inverse-CDF. A request therefore
+gets the same random stream whichever requests it is batched with, on CPU or GPU alike, and drawing costs no
+host round trip. What the batch needs (top-k, top-p, penalties) is decided on the host from the requests'
+settings (:class:`SamplerPlan`), so the sampler itself never waits for the device either.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "make_generator", "sample"]
+__all__ = ["SamplerPlan", "SamplingParams", "new_seed", "sample", "seeded_uniforms"]
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # alternatives per position, as vLLM's default max_logprobs
@@ -88,12 +91,66 @@ def _finite(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator for one request: seeded by ``seed`` (any int), or from OS entropy when None."""
-    g = torch.Generator(device="cpu")
-    # torch seeds are unsigned 64-bit; fold any Python int (negative, huge) into that range.
-    g.manual_seed((random.SystemRandom().getrandbits(63) if seed is None else seed) & 0xFFFF_FFFF_FFFF_FFFF)
-    return g
+def new_seed(seed: int | None) -> int:
+    """A request's 63-bit seed: ``seed`` folded into range (any Python int), or from OS entropy when None."""
+    return (random.SystemRandom().getrandbits(63) if seed is None else seed) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+_M32 = 0xFFFF_FFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values below 2**32.
+
+    Multipliers stay below 2**31, so products stay below 2**63: no signed overflow on any device.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 16)
+
+
+def seeded_uniforms(seeds: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """One uniform number in [0, 1) per row, a pure function of (seed, counter): batch-invariant, on the device.
+
+    Args:
+        seeds: (B,) int64 in [0, 2**63), see :func:`new_seed`.
+        counters: (B,) int64, the index of the token being drawn (0 for a request's first token).
+
+    Returns:
+        (B,) float32.
+    """
+    lo, hi = seeds & _M32, (seeds >> 32) & _M32
+    h = _mix32(lo ^ _mix32(hi ^ _mix32((counters & _M32) ^ 0x9E3779B9)))
+    h = _mix32(h ^ ((counters >> 32) & _M32))
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """Which parts of :func:`sample` a batch needs, decided on the host from the rows' settings (no device sync).
+
+    Attributes:
+        all_greedy: every row has temperature 0.
+        top_k: some row has top_k > 0.
+        top_p: some row has top_p < 1.
+        repetition: some row has a repetition penalty other than 1.
+        presence_frequency: some row has a presence or frequency penalty.
+    """
+
+    all_greedy: bool
+    top_k: bool
+    top_p: bool
+    repetition: bool
+    presence_frequency: bool
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams]) -> SamplerPlan:
+        return cls(all_greedy=all(p.temperature <= 0 for p in params), top_k=any(p.top_k > 0 for p in params),
+                   top_p=any(p.top_p < 1.0 for p in params),
+                   repetition=any(p.repetition_penalty != 1.0 for p in params),
+                   presence_frequency=any(p.presence_penalty or p.frequency_penalty for p in params))
 
 
 def sample(
@@ -108,6 +165,7 @@ def sample(
     counts: torch.Tensor | None = None,
     presence_penalty: torch.Tensor | None = None,
     frequency_penalty: torch.Tensor | None = None,
+    plan: SamplerPlan | None = None,
 ) -> torch.Tensor:
     """Pick one token per row, each row with its own settings.
 
@@ -122,24 +180,32 @@ def sample(
         counts: (B, V) float, how often each token occurs in the row's output so far (for the next two).
         presence_penalty: (B,) float; 0 disables.
         frequency_penalty: (B,) float; 0 disables.
+        plan: what the batch needs, from the host; None works it out from the tensors (a device sync each).
 
     Returns:
         (B,) long token ids.
     """
+    if plan is None:
+        plan = SamplerPlan(all_greedy=bool((temperature <= 0).all()), top_k=bool((top_k > 0).any()),
+                           top_p=bool((top_p < 1.0).any()), repetition=bool((repetition_penalty != 1.0).any()),
+                           presence_frequency=presence_penalty is not None and frequency_penalty is not None and bool(
+                               ((presence_penalty != 0) | (frequency_penalty != 0)).any()))
     logits = logits.float()
-    if seen is not None and bool((repetition_penalty != 1.0).any()):
+    if seen is not None and plan.repetition:
         pen = repetition_penalty[:, None]  # (B, 1)
         penalized = torch.where(logits > 0, logits / pen, logits * pen)
         logits = torch.where(seen, penalized, logits)
-    logits = _presence_frequency(logits, counts, presence_penalty, frequency_penalty)
+    if plan.presence_frequency and counts is not None and presence_penalty is not None \
+            and frequency_penalty is not None:  # OpenAI's definition
+        present = (counts > 0).to(logits.dtype)
+        logits = logits - counts * frequency_penalty[:, None] - present * presence_penalty[:, None]
     greedy_tokens = logits.argmax(dim=-1)  # (B,)
     greedy = temperature <= 0
-    if bool(greedy.all()):
+    if plan.all_greedy:
         return greedy_tokens
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
     vocab = scaled.shape[-1]
-    need_k = bool((top_k > 0).any())
-    need_p = bool((top_p < 1.0).any())
+    need_k, need_p = plan.top_k, plan.top_p
     if need_k or need_p:
         values, order = scaled.sort(dim=-1, descending=True)  # (B, V) each
         if need_k:
@@ -158,13 +224,3 @@ def sample(
     pos = torch.searchsorted(cdf, target, right=True).clamp(max=vocab - 1)  # (B, 1)
     picked = (order.gather(-1, pos) if order is not None else pos).squeeze(-1)
     return torch.where(greedy, greedy_tokens, picked)
-
-
-def _presence_frequency(logits: torch.Tensor, counts: torch.Tensor | None, presence: torch.Tensor | None,
-                        frequency: torch.Tensor | None) -> torch.Tensor:
-    """OpenAI's definition: ``logit -= count * frequency_penalty + (count > 0) * presence_penalty``."""
-    if counts is None or presence is None or frequency is None:
-        return logits
-    if not bool(((presence != 0) | (frequency != 0)).any()):  # the common case costs one check
-        return logits
-    return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]

@@ -69,7 +69,11 @@ class GeneratorSettings:
         cache_dir: where the replica copies a remote checkpoint (None: the resolver's default).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: ``auto``, ``float32``, ``float16`` or ``bfloat16``.
-        max_batch_size: requests decoded together.
+        max_batch_size: requests decoded together (the KV cache's slots).
+        max_model_len: most tokens per request (None: the model's context).
+        max_num_batched_tokens: tokens one engine step processes.
+        gpu_memory_utilization: share of the GPU's memory the replica uses.
+        cuda_graphs: replay decode steps as CUDA graphs on a GPU.
         batch_wait_timeout_s: how long an idle engine waits to prefill a burst of arrivals together.
         step_delay_s: sleep after each decode step (tests only).
         sampling: defaults for fields a request leaves out.
@@ -82,6 +86,10 @@ class GeneratorSettings:
     device: str
     dtype: str
     max_batch_size: int
+    max_model_len: int | None
+    max_num_batched_tokens: int
+    gpu_memory_utilization: float
+    cuda_graphs: bool
     batch_wait_timeout_s: float
     step_delay_s: float
     sampling: SamplingDefaults

@@ -143,16 +143,17 @@ def test_async_engine_records_exactly_what_it_generated(tiny_model):
     assert sink.gauges["num_requests_running"] == 0 and sink.gauges["kv_cache_usage_perc"] == 0.0
 
 
-def test_kv_cache_usage_is_the_share_of_rows_x_context_the_batch_holds(tiny_model):
+def test_kv_cache_usage_is_the_share_of_slots_requests_hold(tiny_model):
     model, tok = tiny_model
-    engine = GenerationEngine(model, tok, max_batch_size=4, context_length=64, eos_token_ids=[])
+    engine = GenerationEngine(model, tok, max_batch_size=4, max_model_len=64, eos_token_ids=[])
     assert engine.kv_cache_usage() == 0.0
     engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=5, temperature=0.0))
-    engine.add_request("b", [1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=5, temperature=0.0))
-    engine.step()  # both prefilled (left-padded to 7) into one cache: 2 rows x 7 positions
-    assert engine.kv_cache_usage() == pytest.approx(2 * 7 / (4 * 64))
-    engine.step()  # one more position each
-    assert engine.kv_cache_usage() == pytest.approx(2 * 8 / (4 * 64))
+    engine.add_request("b", [1, 2, 3, 4, 5, 6, 7], SamplingParams(max_tokens=8, temperature=0.0))
+    engine.step()  # both admitted: each owns one slot of max_model_len positions until it finishes
+    assert engine.kv_cache_usage() == pytest.approx(2 / 4)
+    for _ in range(5):
+        engine.step()
+    assert engine.kv_cache_usage() == pytest.approx(1 / 4)  # "a" finished (5 tokens): its slot is free again
     while engine.has_unfinished():
         engine.step()
     assert engine.kv_cache_usage() == 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatray.serve.sampling import SamplingParams, make_generator, sample
+from chatray.serve.sampling import SamplerPlan, SamplingParams, new_seed, sample, seeded_uniforms
 
 
 def _rows(n: int, temperature=1.0, top_k=0, top_p=1.0, penalty=1.0):
@@ -46,10 +46,11 @@ def test_per_row_settings_in_one_batch():
 
 def test_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([[0.1, 0.2, 0.7]]))
-    g = make_generator(123)
+    seeds = torch.full((4000,), new_seed(123))
+    uniforms = seeded_uniforms(seeds, torch.arange(4000))  # one request's first 4000 draws
     counts = torch.zeros(3)
-    for _ in range(4000):
-        counts[sample(logits, **_rows(1), uniforms=torch.rand(1, generator=g))] += 1
+    for u in uniforms:
+        counts[sample(logits, **_rows(1), uniforms=u[None])] += 1
     assert torch.allclose(counts / counts.sum(), torch.tensor([0.1, 0.2, 0.7]), atol=0.03)
 
 
@@ -76,8 +77,7 @@ def test_presence_and_frequency_penalties_follow_openai_definition():
         greedy = sample(logits, **_rows(3, temperature=0.0), uniforms=torch.rand(3), counts=counts,
                         presence_penalty=presence, frequency_penalty=frequency)
         assert greedy.tolist() == want.argmax(-1).tolist()
-    g = make_generator(5)
-    u = torch.rand(3, generator=g)
+    u = seeded_uniforms(torch.tensor([5, 6, 7]), torch.zeros(3, dtype=torch.long))
     got = sample(logits, **_rows(3, temperature=0.8), uniforms=u, counts=counts, presence_penalty=presence,
                  frequency_penalty=frequency)
     assert got.tolist() == sample(want, **_rows(3, temperature=0.8), uniforms=u).tolist()
@@ -92,13 +92,33 @@ def test_presence_and_frequency_penalties_follow_openai_definition():
     assert sample(peaked, **kw, presence_penalty=torch.tensor([1.5]), frequency_penalty=torch.zeros(1)).item() != 2
 
 
-def test_same_seed_same_stream():
-    a, b, c = make_generator(7), make_generator(7), make_generator(8)
-    ra = [float(torch.rand((), generator=a)) for _ in range(5)]
-    assert ra == [float(torch.rand((), generator=b)) for _ in range(5)]
-    assert ra != [float(torch.rand((), generator=c)) for _ in range(5)]
-    make_generator(-1)  # negative and huge seeds are folded into torch's range
-    make_generator(2**70)
+def test_seeded_uniforms_are_a_function_of_seed_and_counter_only():
+    seeds, counters = torch.tensor([7, 7, 8, 2**62 + 7]), torch.tensor([0, 1, 0, 0])
+    u = seeded_uniforms(seeds, counters)
+    assert u.dtype == torch.float32 and bool(((u >= 0) & (u < 1)).all())
+    assert len(set(u.tolist())) == 4  # other counter, other seed, other high half: other draws
+    # batch-invariant: the same (seed, counter) draws the same number alone or among others, in any order
+    assert seeded_uniforms(seeds[1:2], counters[1:2]).item() == u[1].item()
+    assert seeded_uniforms(seeds.flip(0), counters.flip(0)).flip(0).tolist() == u.tolist()
+    many = seeded_uniforms(torch.full((20000,), 99), torch.arange(20000))
+    assert abs(many.mean().item() - 0.5) < 0.01 and abs(many.var().item() - 1 / 12) < 0.003
+    assert new_seed(-1) == new_seed(2**63 - 1) and 0 <= new_seed(2**70 + 3) < 2**63  # any int folds into range
+    assert new_seed(None) != new_seed(None)
+
+
+def test_plan_from_the_host_matches_the_tensors():
+    """The host-side plan (no device sync) takes the same branches the tensors would."""
+    logits = torch.randn(3, 40)
+    params = [SamplingParams(temperature=0.0), SamplingParams(top_k=5, repetition_penalty=1.2),
+              SamplingParams(top_p=0.5, presence_penalty=0.5)]
+    plan = SamplerPlan.of(params)
+    assert plan == SamplerPlan(all_greedy=False, top_k=True, top_p=True, repetition=True, presence_frequency=True)
+    rows = _rows(3, temperature=[0.0, 1.0, 1.0], top_k=[0, 5, 0], top_p=[1.0, 1.0, 0.5], penalty=[1.0, 1.2, 1.0])
+    extra = {"seen": torch.rand(3, 40) > 0.5, "counts": torch.rand(3, 40).round(),
+             "presence_penalty": torch.tensor([0.0, 0.0, 0.5]), "frequency_penalty": torch.zeros(3)}
+    u = torch.rand(3)
+    assert sample(logits, **rows, **extra, uniforms=u, plan=plan).tolist() == \
+        sample(logits, **rows, **extra, uniforms=u).tolist()
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

@@ -1,0 +1,202 @@
+"""The engine's KV cache and scheduler: allocated once, written in place, chunked prefill by token budget,
+waiting when full, and failures that stay with their request."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from chatray.serve.async_engine import AsyncEngine
+from chatray.serve.cudagraphs import batch_buckets, length_buckets
+from chatray.serve.engine import GenerationEngine
+from chatray.serve.gpt2 import GPT2Forward
+from chatray.serve.kvcache import CacheShape, cache_slots_for_budget
+from chatray.serve.outputs import EngineError
+from chatray.serve.sampling import SamplingParams
+
+
+def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def _token_ids(engine: GenerationEngine) -> dict[str, list[int]]:
+    """Spy on the tokens each request gets (the text alone would hide an id that decodes to nothing)."""
+    seen: dict[str, list[int]] = {}
+    real = engine._consume
+
+    def spy(rows, tokens):
+        for s, t in zip(rows, tokens):
+            seen.setdefault(s.request_id, []).append(t)
+        return real(rows, tokens)
+
+    engine._consume = spy
+    return seen
+
+
+def test_chunked_prefill_gives_hf_greedy_tokens(tiny_model):
+    """Prompts longer than the token budget are prefilled over several steps, and the tokens are still exactly
+    what transformers' generate picks."""
+    model, tok = tiny_model
+    rng = random.Random(3)
+    prompts = [[rng.randrange(len(tok)) for _ in range(n)] for n in (45, 3, 30, 17, 60)]
+    engine = GenerationEngine(model, tok, max_batch_size=3, max_num_batched_tokens=16, eos_token_ids=[])
+    got = _token_ids(engine)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"p{i}", p, SamplingParams(max_tokens=12, temperature=0.0))
+    while engine.has_unfinished():
+        engine.step()
+    assert sorted(got) == [f"p{i}" for i in range(len(prompts))]
+    for i, p in enumerate(prompts):
+        assert got[f"p{i}"] == _hf_greedy(model, p, 12), f"prompt {i} ({len(p)} tokens) diverged"
+    assert engine.stats["steps"] >= sum(map(len, prompts)) // 16  # the budget really cut them
+
+
+def test_a_long_prompt_does_not_stall_running_requests(tiny_model):
+    model, tok = tiny_model
+    engine = GenerationEngine(model, tok, max_batch_size=4, max_num_batched_tokens=10, eos_token_ids=[])
+    engine.add_request("short", [1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0))
+    engine.step()
+    engine.add_request("long", list(range(5, 85)), SamplingParams(max_tokens=3, temperature=0.0))
+    per_step = []
+    for _ in range(12):
+        per_step.append({o.request_id for o in engine.step()})
+    # "short" gets a token in every step while the 80-token prompt goes in 9 tokens at a time
+    assert all("short" in ids for ids in per_step)
+    first_long = next(i for i, ids in enumerate(per_step) if "long" in ids)
+    assert first_long == 80 // 9  # the 9th step finishes its prompt (10-token budget, 1 for "short")
+
+
+def test_cache_is_allocated_once_and_joining_or_leaving_never_moves_another_sequence(tiny_model):
+    model, tok = tiny_model
+    engine = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[])
+    pointers = [t.data_ptr() for t in (*engine.cache.keys, *engine.cache.values)]
+    engine.add_request("a", [1, 2, 3, 4], SamplingParams(max_tokens=40, temperature=0.0))
+    for _ in range(3):
+        engine.step()
+    slot = engine.scheduler.running[0].slot
+    before = engine.cache.keys[0][slot, :, :6].clone()
+    engine.add_request("b", [9, 8, 7], SamplingParams(max_tokens=2, temperature=0.0))  # joins, then finishes
+    for _ in range(3):
+        engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["a"] and engine.scheduler.running[0].slot == slot
+    assert torch.equal(engine.cache.keys[0][slot, :, :6], before)  # a's cache: untouched, not copied
+    assert [t.data_ptr() for t in (*engine.cache.keys, *engine.cache.values)] == pointers
+
+
+def test_a_full_cache_makes_requests_wait_in_order(tiny_model):
+    model, tok = tiny_model
+    engine = GenerationEngine(model, tok, max_batch_size=2, eos_token_ids=[])
+    for i in range(5):
+        engine.add_request(f"r{i}", [1 + i, 2], SamplingParams(max_tokens=3 + i, temperature=0.0))
+    started: list[str] = []
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.completion_tokens == 1:
+                started.append(o.request_id)
+        assert engine.cache.used_slots <= 2 and engine.num_running() <= 2
+    assert started == [f"r{i}" for i in range(5)]  # first come, first served
+    assert engine.stats["finished"] == 5 and engine.stats["failed"] == 0
+
+
+def test_kv_budget_limits_the_slots_with_a_clear_error_when_not_even_one_fits():
+    shape = CacheShape(layers=12, heads=12, head_dim=64, positions=1024)
+    per = shape.slot_bytes(torch.bfloat16)
+    assert per == 2 * 12 * 12 * 1025 * 64 * 2
+    assert cache_slots_for_budget(shape, torch.bfloat16, 64, None) == 64
+    assert cache_slots_for_budget(shape, torch.bfloat16, 64, 10 * per + 1) == 10
+    with pytest.raises(ValueError, match=r"does not hold one sequence of 1024 tokens.*lower max_model_len"):
+        cache_slots_for_budget(shape, torch.bfloat16, 64, per - 1)
+
+
+def test_settings_that_cannot_work_are_refused(tiny_model):
+    model, tok = tiny_model
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(16\) must exceed max_batch_size \(16\)"):
+        GenerationEngine(model, tok, max_batch_size=16, max_num_batched_tokens=16)
+    with pytest.raises(ValueError, match="max_model_len 4096 exceeds the model's context of 128"):
+        GenerationEngine(model, tok, max_batch_size=2, max_model_len=4096)
+    short = GenerationEngine(model, tok, max_batch_size=2, max_model_len=32)
+    with pytest.raises(ValueError, match=r"= 40 exceeds the model's context of 32"):
+        short.add_request("x", [1] * 30, SamplingParams(max_tokens=10))
+
+
+def test_other_architectures_are_named_in_the_error():
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    neo = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2,
+                                         attention_types=[[["global"], 1]], max_position_embeddings=32))
+    with pytest.raises(ValueError, match="model_type 'gpt2'.*got 'gpt_neo'"):
+        GPT2Forward(neo)
+
+
+def test_a_failing_request_fails_alone_and_the_batch_goes_on(tiny_model):
+    """A request whose forward pass raises gets an error; the others finish with exactly their own tokens."""
+    model, tok = tiny_model
+    poison = 77
+    prompts = {"a": [1, 2, 3], "bad": [4, poison, 6], "c": [7, 8]}
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    alone = {rid: GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[]).generate([p], params)[0].text
+             for rid, p in prompts.items() if rid != "bad"}
+    core = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[])
+    real = core.forward.hidden
+
+    def hidden(tokens, *args, **kwargs):
+        if bool((tokens == poison).any()):
+            raise RuntimeError("simulated kernel failure")
+        return real(tokens, *args, **kwargs)
+
+    core.forward.hidden = hidden
+
+    async def main():
+        engine = AsyncEngine(core, batch_wait_timeout_s=0.01, step_delay_s=0.0)
+        try:
+            results = await asyncio.wait_for(asyncio.gather(
+                *(engine.generate(p, params) for p in prompts.values()), return_exceptions=True), 30)
+            out = dict(zip(prompts, results))
+            assert isinstance(out["bad"], EngineError) and "simulated kernel failure" in str(out["bad"])
+            assert {rid: out[rid].text for rid in alone} == alone
+            again = await engine.generate([1, 2, 3], params)  # the replica goes on
+            assert again.text == alone["a"] and engine.alive
+            assert core.stats["failed"] == 1 and core.cache.used_slots == 0
+        finally:
+            engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_prompt_logprobs_are_the_same_when_the_prompt_is_chunked(tiny_model):
+    model, tok = tiny_model
+    prompt = list(range(3, 40))
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2, logprobs=1)
+    whole = GenerationEngine(model, tok, max_batch_size=2, eos_token_ids=[]).generate([prompt], params)[0]
+    chunked = GenerationEngine(model, tok, max_batch_size=2, max_num_batched_tokens=7,
+                               eos_token_ids=[]).generate([prompt], params)[0]
+    assert whole.prompt_logprobs is not None and len(whole.prompt_logprobs) == len(prompt)
+    assert [e.token_id for e in chunked.prompt_logprobs] == prompt
+    for a, b in zip(whole.prompt_logprobs[1:], chunked.prompt_logprobs[1:]):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert whole.prompt_logprobs[0].logprob is None and chunked.text == whole.text
+
+
+def test_graph_buckets_cover_every_size():
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert batch_buckets(1) == [1] and batch_buckets(20) == [1, 2, 4, 8, 16, 20]
+    assert length_buckets(1024) == [128, 256, 512, 1024] and length_buckets(100) == [100]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_decode_matches_eager(tiny_checkpoint):  # pragma: no cover - runs on GPU machines only
+    from chatray.model import load_model, load_model_tokenizer
+
+    model, tok = load_model(tiny_checkpoint, device="cuda", dtype="float32"), load_model_tokenizer(tiny_checkpoint)
+    prompts = [[1, 2, 3], [4, 5], [6] * 20]
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    eager = GenerationEngine(model, tok, max_batch_size=4, cuda_graphs=False, eos_token_ids=[])
+    eager = eager.generate(prompts, params)
+    graphed = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[]).generate(prompts, params)
+    assert [c.text for c in graphed] == [c.text for c in eager]
