@@ -127,21 +127,31 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     def _deliver(self, rid: str, item: StepOutput | BaseException) -> None:
+        self._deliver_many([(rid, item)])
+
+    def _deliver_many(self, items: list[tuple[str, StepOutput | BaseException]]) -> None:
+        """Hand a step's outputs over: one wake-up per event loop per step, not one per token (each wake-up is a
+        write to the loop's self-pipe and a fight for the GIL with this thread)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[str, asyncio.Queue, Any]]] = {}
         with self._streams_lock:
-            target = self._streams.get(rid)
-        if target is None:
-            return
-        loop, queue, parts = target
-        if parts is not None and isinstance(item, StepOutput):  # whole-reply request: hand over only the end
-            parts.append(item)
-            if item.finish_reason is None:
-                return
-            whole = gather_outputs(parts)
-            item = replace(item, delta=whole.text, logprobs=whole.logprobs, prompt_logprobs=whole.prompt_logprobs)
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the request's event loop is closed: nobody is listening any more
-            self.engine.abort_request(rid)
+            targets = [(rid, item, self._streams.get(rid)) for rid, item in items]
+        for rid, item, target in targets:
+            if target is None:
+                continue
+            loop, queue, parts = target
+            if parts is not None and isinstance(item, StepOutput):  # whole-reply request: hand over only the end
+                parts.append(item)
+                if item.finish_reason is None:
+                    continue
+                whole = gather_outputs(parts)
+                item = replace(item, delta=whole.text, logprobs=whole.logprobs, prompt_logprobs=whole.prompt_logprobs)
+            by_loop.setdefault(loop, []).append((rid, queue, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the requests' event loop is closed: nobody is listening any more
+                for rid, _, _ in batch:
+                    self.engine.abort_request(rid)
 
     def _deliver_failures(self) -> None:
         """Requests that failed alone (the rest of the batch went on) get their error."""
@@ -180,8 +190,12 @@ class AsyncEngine:
             if self._metrics is not None:
                 self._metrics.step(started, outputs, self.engine.num_running(), self.engine.num_waiting(),
                                    self.engine.kv_cache_usage())
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_many([(out.request_id, out) for out in outputs])
             self._deliver_failures()
             if self.step_delay_s > 0:
                 time.sleep(self.step_delay_s)
+
+
+def _put_all(batch: list[tuple[str, asyncio.Queue, Any]]) -> None:
+    for _, queue, item in batch:
+        queue.put_nowait(item)
