@@ -137,6 +137,8 @@ class SamplerPlan:
         top_p: some row has top_p < 1.
         repetition: some row has a repetition penalty other than 1.
         presence_frequency: some row has a presence or frequency penalty.
+        candidates: when every sampled (temperature > 0) row has a top_k, the largest: only that many candidates
+            per row are ranked (a top-k instead of a sort of the whole vocabulary); 0 otherwise.
     """
 
     all_greedy: bool
@@ -144,13 +146,16 @@ class SamplerPlan:
     top_p: bool
     repetition: bool
     presence_frequency: bool
+    candidates: int = 0
 
     @classmethod
     def of(cls, params: Sequence[SamplingParams]) -> SamplerPlan:
-        return cls(all_greedy=all(p.temperature <= 0 for p in params), top_k=any(p.top_k > 0 for p in params),
+        sampled = [p for p in params if p.temperature > 0]
+        return cls(all_greedy=not sampled, top_k=any(p.top_k > 0 for p in params),
                    top_p=any(p.top_p < 1.0 for p in params),
                    repetition=any(p.repetition_penalty != 1.0 for p in params),
-                   presence_frequency=any(p.presence_penalty or p.frequency_penalty for p in params))
+                   presence_frequency=any(p.presence_penalty or p.frequency_penalty for p in params),
+                   candidates=max(p.top_k for p in sampled) if sampled and all(p.top_k > 0 for p in sampled) else 0)
 
 
 def sample(
@@ -189,7 +194,8 @@ def sample(
         plan = SamplerPlan(all_greedy=bool((temperature <= 0).all()), top_k=bool((top_k > 0).any()),
                            top_p=bool((top_p < 1.0).any()), repetition=bool((repetition_penalty != 1.0).any()),
                            presence_frequency=presence_penalty is not None and frequency_penalty is not None and bool(
-                               ((presence_penalty != 0) | (frequency_penalty != 0)).any()))
+                               ((presence_penalty != 0) | (frequency_penalty != 0)).any()),
+                           candidates=int(top_k.max()) if bool((top_k[temperature > 0] > 0).all()) else 0)
     logits = logits.float()
     if seen is not None and plan.repetition:
         pen = repetition_penalty[:, None]  # (B, 1)
@@ -207,10 +213,13 @@ def sample(
     vocab = scaled.shape[-1]
     need_k, need_p = plan.top_k, plan.top_p
     if need_k or need_p:
-        values, order = scaled.sort(dim=-1, descending=True)  # (B, V) each
+        if 0 < plan.candidates < vocab:  # tokens past every row's top_k never get picked: rank only the first ones
+            values, order = scaled.topk(plan.candidates, dim=-1)  # (B, C) each, sorted
+        else:
+            values, order = scaled.sort(dim=-1, descending=True)  # (B, V) each
         if need_k:
             k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-            ranks = torch.arange(vocab, device=values.device)[None, :]
+            ranks = torch.arange(values.shape[-1], device=values.device)[None, :]
             values = values.masked_fill(ranks >= k[:, None], float("-inf"))
         if need_p:
             probs = values.softmax(dim=-1)
@@ -221,6 +230,6 @@ def sample(
         values, order = scaled, None
     cdf = values.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
     target = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]  # (B, 1), below the total mass
-    pos = torch.searchsorted(cdf, target, right=True).clamp(max=vocab - 1)  # (B, 1)
+    pos = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
     picked = (order.gather(-1, pos) if order is not None else pos).squeeze(-1)
     return torch.where(greedy, greedy_tokens, picked)

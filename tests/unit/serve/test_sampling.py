@@ -132,3 +132,16 @@ def test_plan_from_the_host_matches_the_tensors():
 def test_params_validation_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def test_ranking_only_the_top_k_candidates_picks_what_a_full_sort_picks():
+    logits = torch.randn(4, 500)
+    rows = _rows(4, temperature=[0.7, 1.0, 0.0, 1.3], top_k=[5, 40, 0, 12], top_p=[1.0, 0.8, 1.0, 0.9])
+    fast = SamplerPlan.of([SamplingParams(temperature=0.7, top_k=5), SamplingParams(top_k=40, top_p=0.8),
+                           SamplingParams(temperature=0.0), SamplingParams(temperature=1.3, top_k=12, top_p=0.9)])
+    assert fast.candidates == 40  # the greedy row's top_k does not matter
+    full = SamplerPlan(**{**fast.__dict__, "candidates": 0})
+    for seed in range(50):
+        u = seeded_uniforms(torch.full((4,), seed), torch.arange(4))
+        assert sample(logits, **rows, uniforms=u, plan=fast).tolist() == \
+            sample(logits, **rows, uniforms=u, plan=full).tolist()
