@@ -1,10 +1,19 @@
-"""GPU batching benchmark: tokens/s at batch 32 vs batch 1 through chatray's own generation engine.
+"""GPU serving benchmark: chatray's engine at 1, 64 and 256 concurrent requests, against baselines in the same run.
 
 Runs where there is PyTorch and transformers but no Ray (a lent GPU machine): it drives
-``chatray.serve.async_engine.AsyncEngine`` -- the exact continuous-batching code a Serve ``Generator`` replica runs
--- on a GPT-2 124M-config model with random weights (nothing is downloaded).
+``chatray.serve.async_engine.AsyncEngine`` over ``chatray.serve.engine.GenerationEngine`` -- the exact code a Serve
+``Generator`` replica runs (KV cache, scheduler, device sampling, CUDA-graph decode) -- on a GPT-2 124M-config
+model with random weights in bf16 (nothing is downloaded). Prompts of 64 tokens, 128 new tokens (EOS ignored),
+half greedy and half nucleus-sampled with their own seeds.
 
-    python benchmarks/gpu_serve.py              # on a CUDA machine (target: ratio >= 10x; < 3 min on an H100)
+Baselines measured in the same run, on the same model and prompts:
+  * transformers ``generate`` with a static batch of the same size (1 and 64), eager;
+  * vLLM, when ``import vllm`` works on the machine (the model is saved to a temporary folder for it).
+
+Targets (issue 12): >= 1,000 tokens/s at 1 request; >= 30,000 tokens/s aggregate at 64; inter-token latency
+p99 <= 2x p50 at 64; the 256 figure is reported.
+
+    python benchmarks/gpu_serve.py              # on a CUDA machine (a few minutes on an H100)
     python benchmarks/gpu_serve.py --smoke      # tiny config on CPU, seconds: checks the script itself
 
 Prints one line per phase and a final JSON line with the figures.
@@ -16,7 +25,9 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +42,7 @@ from chatray.serve.async_engine import AsyncEngine  # noqa: E402
 from chatray.serve.engine import GenerationEngine  # noqa: E402
 from chatray.serve.sampling import SamplingParams  # noqa: E402
 
-TARGET = 10.0
+TARGETS = {"tokens_per_s_1": 1000.0, "tokens_per_s_64": 30000.0, "itl_p99_over_p50_64": 2.0}
 
 
 def build_tokenizer():
@@ -60,9 +71,88 @@ def build_model(smoke: bool, device: str, dtype: torch.dtype):
     return model.to(dtype).eval(), sum(p.numel() for p in model.parameters())
 
 
-async def _concurrent(engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams]) -> int:
-    done = await asyncio.gather(*(engine.generate(p, sp) for p, sp in zip(prompts, params)))
-    return sum(c.completion_tokens for c in done)
+def prompts_for(n: int, length: int, vocab: int) -> list[list[int]]:
+    """``n`` different prompts of ``length`` token ids (seeded)."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(100, vocab, (n, length), generator=g).tolist()
+
+
+def params(i: int, new_tokens: int) -> SamplingParams:
+    """Per-request settings in one batch: half greedy, half nucleus sampling with their own seeds."""
+    if i % 2 == 0:
+        return SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    return SamplingParams(max_tokens=new_tokens, temperature=0.8, top_p=0.95, top_k=50, seed=i, ignore_eos=True)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+async def concurrent(engine: AsyncEngine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """All requests at once, streamed: aggregate tokens/s, TTFT and inter-token latency percentiles."""
+    gaps: list[float] = []
+    ttfts: list[float] = []
+
+    async def one(i: int, prompt: list[int]) -> int:
+        t0 = last = time.perf_counter()
+        n = 0
+        async for out in engine.stream(prompt, params(i, new_tokens)):
+            now = time.perf_counter()
+            if n == 0:
+                ttfts.append(now - t0)
+            else:
+                gaps.append(now - last)
+            last, n = now, out.completion_tokens
+        return n
+
+    t0 = time.perf_counter()
+    tokens = sum(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+    seconds = time.perf_counter() - t0
+    q = statistics.quantiles(gaps, n=100) if len(gaps) > 1 else [gaps[0] if gaps else 0.0] * 99
+    tq = statistics.quantiles(ttfts, n=100) if len(ttfts) > 1 else [ttfts[0]] * 99
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+            "itl_p50_ms": round(q[49] * 1000, 3), "itl_p99_ms": round(q[98] * 1000, 3),
+            "ttft_p50_ms": round(tq[49] * 1000, 2), "ttft_p99_ms": round(tq[98] * 1000, 2)}
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int, device: str) -> float:
+    """transformers ``generate``, one static batch, greedy, EOS ignored: tokens/s."""
+    ids = torch.tensor(prompts, device=device)
+    kwargs = {"attention_mask": torch.ones_like(ids), "max_new_tokens": new_tokens, "min_new_tokens": new_tokens,
+              "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    with torch.inference_mode():
+        model.generate(ids[:, :8], **{**kwargs, "attention_mask": kwargs["attention_mask"][:, :8],
+                                      "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        _sync(device)
+    return (out.shape[1] - ids.shape[1]) * len(prompts) / (time.perf_counter() - t0)
+
+
+def vllm_figures(model, tok, prompts: dict[int, list[list[int]]], new_tokens: int) -> dict | None:
+    """vLLM on the same weights and prompts (None when vllm does not import here)."""
+    try:
+        from vllm import LLM, TokensPrompt
+        from vllm import SamplingParams as VP
+    except Exception as e:  # noqa: BLE001 - not installed, or no matching CUDA build
+        print(f"vllm: not available ({type(e).__name__}: {str(e)[:80]}); no vLLM ratio", flush=True)
+        return None
+    folder = tempfile.mkdtemp(prefix="chatray-vllm-")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    llm = LLM(model=folder, dtype="bfloat16", gpu_memory_utilization=0.5, max_model_len=1024)
+    sp = VP(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    llm.generate([TokensPrompt(prompt_token_ids=prompts[1][0])], sp)  # warm-up
+    figures = {}
+    for n, batch in prompts.items():
+        t0 = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in batch], sp, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        figures[n] = round(sum(len(o.outputs[0].token_ids) for o in outs) / seconds, 1)
+        print(f"vllm     {n:>3} concurrent: {figures[n]:,.1f} tokens/s", flush=True)
+    return figures
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -74,52 +164,48 @@ def run(args: argparse.Namespace) -> dict:
     model, n_params = build_model(args.smoke, device, dtype)
     name = torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
     print(f"model: GPT-2 {'smoke' if args.smoke else '124M'} config, {n_params / 1e6:.1f}M params, {dtype}, "
-          f"device {name}", flush=True)
-    engine = GenerationEngine(model, tok, max_batch_size=args.batch)
-    base = tok("hello, how are you? the quick brown fox jumps over the lazy dog", add_special_tokens=False)
-    prompt = (base["input_ids"] * 64)[: args.prompt_tokens]
+          f"device {name}, torch {torch.__version__}", flush=True)
+    t0 = time.perf_counter()
+    core = GenerationEngine(model, tok, max_batch_size=max(args.concurrency), max_num_batched_tokens=args.budget)
+    graphs = core._graphs.warm_up() if core._graphs is not None else 0
+    print(f"engine: {core.max_batch_size} slots, KV cache {core.cache.nbytes() / 2**20:.0f} MiB, {graphs} CUDA graphs "
+          f"captured in {time.perf_counter() - t0:.1f}s", flush=True)
+    batches = {n: prompts_for(n, args.prompt_tokens, model.config.vocab_size) for n in (1, *args.concurrency)}
+    res: dict = {"device": name, "dtype": str(dtype).removeprefix("torch."), "params_m": round(n_params / 1e6, 1),
+                 "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "torch": torch.__version__}
 
-    def params(i: int) -> SamplingParams:
-        # Per-request settings in one batch: half greedy, half nucleus sampling with their own seeds.
-        if i % 2 == 0:
-            return SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
-        return SamplingParams(max_tokens=args.new_tokens, temperature=0.8, top_p=0.95, top_k=50, seed=i,
-                              ignore_eos=True)
-
-    async def main() -> dict:
-        aengine = AsyncEngine(engine, batch_wait_timeout_s=0.0, step_delay_s=0.0)
+    async def engine_runs() -> None:
+        engine = AsyncEngine(core, batch_wait_timeout_s=0.0, step_delay_s=0.0)
         try:
-            await _concurrent(aengine, [prompt] * min(4, args.batch), [params(i) for i in range(4)])  # warm-up
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            single_tokens = 0
-            for i in range(args.single_requests):
-                single_tokens += (await aengine.generate(prompt, params(i))).completion_tokens
-            single_s = time.perf_counter() - t0
-            single = single_tokens / single_s
-            print(f"batch 1 : {single_tokens} tokens in {single_s:.2f}s = {single:.1f} tokens/s", flush=True)
-            t0 = time.perf_counter()
-            batch_tokens = 0
-            for r in range(args.batch_rounds):
-                batch_tokens += await _concurrent(aengine, [prompt] * args.batch,
-                                                  [params(r * args.batch + i) for i in range(args.batch)])
-            batch_s = time.perf_counter() - t0
-            batched = batch_tokens / batch_s
-            print(f"batch {args.batch}: {batch_tokens} tokens in {batch_s:.2f}s = {batched:.1f} tokens/s "
-                  f"(max batch seen {engine.stats['max_batch_seen']})", flush=True)
+            await concurrent(engine, batches[1] * 4, 8)  # warm-up: prefill kernels, sampler paths
+            singles = [await concurrent(engine, batches[1], args.new_tokens) for _ in range(args.single_requests)]
+            res["engine_1"] = max(singles, key=lambda r: r["tokens_per_s"])
+            print(f"engine     1 concurrent: {res['engine_1']}", flush=True)
+            for n in args.concurrency:
+                res[f"engine_{n}"] = await concurrent(engine, batches[n], args.new_tokens)
+                print(f"engine {n:>5} concurrent: {res[f'engine_{n}']}", flush=True)
         finally:
-            aengine.shutdown()
-        return {"single_tokens_per_s": round(single, 1), "batched_tokens_per_s": round(batched, 1),
-                "ratio": round(batched / single, 2)}
+            engine.shutdown()
 
-    t_start = time.perf_counter()
-    res = asyncio.run(main())
-    res.update({"batch": args.batch, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt), "device": name,
-                "dtype": str(dtype).removeprefix("torch."), "params_m": round(n_params / 1e6, 1),
-                "target_ratio": TARGET, "meets_target": res["ratio"] >= TARGET,
-                "seconds": round(time.perf_counter() - t_start, 1)})
-    print(f"ratio batch {args.batch} / batch 1 = {res['ratio']:.1f}x (target >= {TARGET:g}x)", flush=True)
+    asyncio.run(engine_runs())
+    for n in (1, args.hf_batch):
+        res[f"hf_generate_{n}_tokens_per_s"] = round(hf_generate(model, batches[n], args.new_tokens, device), 1)
+        ratio = res[f"engine_{n}"]["tokens_per_s"] / res[f"hf_generate_{n}_tokens_per_s"]
+        res[f"ratio_vs_hf_{n}"] = round(ratio, 2)
+        print(f"hf generate {n:>3} static: {res[f'hf_generate_{n}_tokens_per_s']:,.1f} tokens/s "
+              f"(engine / hf = {ratio:.2f}x)", flush=True)
+    if device.startswith("cuda") and not args.no_vllm:
+        v = vllm_figures(model, tok, {n: batches[n] for n in (1, 64, 256) if n in batches}, args.new_tokens)
+        if v:
+            res["vllm_tokens_per_s"] = v
+            res["ratio_vs_vllm"] = {n: round(res[f"engine_{n}"]["tokens_per_s"] / t, 2) for n, t in v.items()}
+            print(f"engine / vllm: {res['ratio_vs_vllm']}", flush=True)
+    e64 = res.get("engine_64")
+    checks = {"tokens_per_s_1": res["engine_1"]["tokens_per_s"] >= TARGETS["tokens_per_s_1"]}
+    if e64:
+        checks["tokens_per_s_64"] = e64["tokens_per_s"] >= TARGETS["tokens_per_s_64"]
+        checks["itl_p99_over_p50_64"] = e64["itl_p99_ms"] <= TARGETS["itl_p99_over_p50_64"] * e64["itl_p50_ms"]
+    res.update({"targets": TARGETS, "meets_targets": checks, "steps": core.stats["steps"]})
     return res
 
 
@@ -128,17 +214,22 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU, a few seconds (script check)")
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--budget", type=int, default=8192, help="max_num_batched_tokens")
+    ap.add_argument("--hf-batch", type=int, default=64, help="static batch of the transformers baseline")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-tokens", type=int, default=64)
-    ap.add_argument("--single-requests", type=int, default=4, help="requests run one at a time for batch 1")
-    ap.add_argument("--batch-rounds", type=int, default=3, help="rounds of --batch concurrent requests")
+    ap.add_argument("--single-requests", type=int, default=3, help="runs of one request (the best is kept)")
+    ap.add_argument("--no-vllm", action="store_true")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     if args.smoke:
         args.device = args.device or "cpu"
-        args.new_tokens, args.batch, args.single_requests, args.batch_rounds = 16, 8, 2, 1
+        args.new_tokens, args.concurrency, args.hf_batch, args.single_requests = 16, [8], 8, 1
+        args.budget = 1024
+    t0 = time.perf_counter()
     res = run(args)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
     line = json.dumps(res)
     print(line)
     if args.json:
