@@ -14,7 +14,7 @@ import os
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from chatray.errors import ChatrayError
 from chatray.serve.settings import GeneratorSettings, IngressSettings, SamplingDefaults
@@ -65,12 +65,14 @@ class ServeArgs(BaseModel):
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After seconds on 503/429 when overloaded")
     step_delay_s: float = Field(0.0, ge=0, le=5, description="testing only: sleep after each decode step")
 
-    @model_validator(mode="after")
-    def _token_budget(self) -> ServeArgs:
-        if self.max_num_batched_tokens <= self.max_batch_size:
-            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must exceed max_batch_size "
-                             f"({self.max_batch_size}): each step decodes up to max_batch_size tokens first")
-        return self
+    @field_validator("max_num_batched_tokens")
+    @classmethod
+    def _token_budget(cls, v: int, info: ValidationInfo) -> int:
+        batch = info.data.get("max_batch_size")
+        if batch is not None and v <= batch:
+            raise ValueError(f"must exceed max_batch_size ({batch}), got {v}: each step decodes up to "
+                             "max_batch_size tokens first")
+        return v
 
     @field_validator("checkpoint")
     @classmethod

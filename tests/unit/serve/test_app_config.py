@@ -70,6 +70,9 @@ def test_build_app_names_a_checkpoint_that_is_not_there(tmp_path):
     ({"top_p": "high"}, "args.top_p"),
     ({"max_body_bytes": 3 << 20}, "args.max_body_bytes"),  # over what Serve's gRPC hop carries
     ({"max_n": 0}, "args.max_n"),
+    ({"max_batch_size": 64, "max_num_batched_tokens": 64}, "args.max_num_batched_tokens: must exceed max_batch_size"),
+    ({"gpu_memory_utilization": 1.5}, "args.gpu_memory_utilization"),
+    ({"max_model_len": 2}, "args.max_model_len"),
 ])
 def test_bad_args_are_named(args, words):
     with pytest.raises(ChatrayError, match=words.replace(".", r"\.")):
@@ -115,7 +118,8 @@ def test_each_deployment_gets_typed_settings_built_from_the_args(tmp_path, monke
                          run="tiny-demo", step=1, eval_loss=5.0)
     assert args.generator_settings() == GeneratorSettings(
         model=pinned, model_name="tiny-demo", cache_dir=None,
-        device="auto", dtype="auto", max_batch_size=16, batch_wait_timeout_s=0.0, step_delay_s=0.0,
+        device="auto", dtype="auto", max_batch_size=16, max_model_len=None, max_num_batched_tokens=2048,
+        gpu_memory_utilization=0.9, cuda_graphs=True, batch_wait_timeout_s=0.0, step_delay_s=0.0,
         sampling=sampling, max_n=4)
     # The key's whereabouts travel, never the key: seen here, it is required in the replicas.
     assert args.ingress_settings() == IngressSettings(
@@ -140,7 +144,8 @@ def test_args_left_out_get_the_serve_args_defaults(tiny_checkpoint):
         model=ServedModel(requested=str(tiny_checkpoint), kind="checkpoint", location=str(tiny_checkpoint),
                           run=tiny_checkpoint.parent.name, step=1, eval_loss=5.0),
         model_name=tiny_checkpoint.name, cache_dir=None, device="auto",
-        dtype="auto", max_batch_size=16, batch_wait_timeout_s=0.0, step_delay_s=0.0,
+        dtype="auto", max_batch_size=16, max_model_len=None, max_num_batched_tokens=2048,
+        gpu_memory_utilization=0.9, cuda_graphs=True, batch_wait_timeout_s=0.0, step_delay_s=0.0,
         sampling=SamplingDefaults(max_tokens=256, temperature=0.7, top_p=1.0, top_k=0, repetition_penalty=1.0),
         max_n=4)
     assert args.ingress_settings() == IngressSettings(api_key_env=None, api_key_file=None, require_api_key=False,
