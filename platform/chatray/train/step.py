@@ -3,13 +3,17 @@
 :class:`TrainStep` owns the optimizer (AdamW, fused where available), the warm-up + cosine schedule,
 gradient accumulation, clipping, bf16 autocast and optional ``torch.compile``. :func:`make_train_step` builds it
 the one way both Ray Train workers (``chatray.train.loop``) and ``benchmarks/gpu_train.py`` use: vocabulary padded
-for the device (``model.pad_vocab_multiple``), the model placed and wrapped. When
+for the device (``model.pad_vocab_multiple``), TF32 matmuls on CUDA, the model placed and wrapped. When
 ``torch.distributed`` is initialised (Ray Train sets it up) it averages over ranks; otherwise it is a
 plain single-process step.
 
 Loss normalisation is by target tokens over the whole global batch: every rank scales its summed loss by
 ``world_size / global_target_tokens`` before DDP averages gradients, so N workers with batch B/N take the
 same step as one worker with batch B.
+
+A step on one worker does not wait for the device: its token counts come from the host-side batches, and the
+loss is summed on the device and read only when a log line is due (:meth:`TrainStep.flush_loss`), as is the
+gradient norm. With several workers the counts are summed over ranks each step (one all-reduce of four numbers).
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ def make_train_step(model: torch.nn.Module, cfg: StepConfig, device: torch.devic
     """The training step a worker runs on ``device``, built from an unwrapped model.
 
     Pads the vocabulary to ``cfg.pad_vocab_multiple`` (before wrapping: DDP and the optimizer must see the final
-    weights).
+    weights) and, on CUDA, lets float32 matmuls use TF32 (``torch.set_float32_matmul_precision("high")``).
 
     Args:
         model: a Hugging Face causal LM on the CPU or on ``device``, not yet wrapped.
@@ -139,6 +143,8 @@ def make_train_step(model: torch.nn.Module, cfg: StepConfig, device: torch.devic
     """
     if cfg.pad_vocab_multiple > 1:
         pad_vocab(model, cfg.pad_vocab_multiple)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
     return TrainStep(wrap(model) if wrap is not None else model.to(device), cfg, device, pad_id=pad_id)
 
 
@@ -178,6 +184,8 @@ class TrainStep:
 
     def _loss_impl(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self._autocast():
+            # No use_cache=False: without a cache and a mask, transformers looks for packed sequences in the position
+            # ids (a host sync in eager mode, an explicit mask that rules out flash attention under compile).
             logits = self.model(input_ids=input_ids).logits  # (B, T, padded vocab)
         if logits.size(-1) != self.vocab_size:
             logits = logits[..., : self.vocab_size]  # (B, T, vocab)
@@ -189,7 +197,7 @@ class TrainStep:
         return self._loss(batch.input_ids, batch.targets)
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
-        if not _distributed():
+        if not _distributed() or self.world_size == 1:  # Ray Train sets up a group even for one worker
             return values
         comm = self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
         t = torch.tensor(values, dtype=torch.float64, device=comm)

@@ -171,3 +171,30 @@ def test_padded_run_saves_tokenizer_sized_state_and_resumes_padded_or_not(small_
             resumed([b])
         for pa, pb in zip(run.raw_model.parameters(), resumed.raw_model.parameters()):
             torch.testing.assert_close(pa[: pb.shape[0]], pb[: pa.shape[0]], rtol=1e-4, atol=1e-5)
+
+
+def test_one_worker_group_steps_without_collectives(small_dataset, tmp_path, monkeypatch):
+    """Ray Train sets up a process group even for one worker: its steps must not wait on collectives."""
+    import torch.distributed as dist
+
+    vocab, batches = _batches(small_dataset, n=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        step = TrainStep(_model(vocab), _step_cfg(), CPU)
+        monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: pytest.fail("a collective in a one-worker step"))
+        res = step([batches[0]])
+        assert res is not None and res.loss_tokens == batches[0].n_loss
+        assert math.isfinite(step.flush_loss()) and step.evaluate(batches[1:])[1] == batches[1].n_loss
+    finally:
+        dist.destroy_process_group()
+
+
+def test_traced_forward_uses_causal_sdpa_without_a_mask(small_dataset):
+    """What torch.compile captures of the step's forward calls SDPA with is_causal and no mask: flash-eligible."""
+    vocab, batches = _batches(small_dataset, n=1)
+    step = make_train_step(_model(vocab), _step_cfg(), CPU)
+    b = batches[0]
+    calls = [node.kwargs for g in torch._dynamo.explain(step._loss_impl)(b.input_ids, b.targets).graphs
+             for node in g.graph.nodes if "scaled_dot_product_attention" in str(node.target)]
+    torch._dynamo.reset()
+    assert calls and all(c.get("is_causal") is True and c.get("attn_mask") is None for c in calls), calls
