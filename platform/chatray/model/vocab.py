@@ -104,10 +104,10 @@ def unpadded_vocab(model: Any) -> Iterator[Any]:
     The trimmed weight is a copy without gradient: use the block for saving or inference, not for training.
     An unpadded model passes through unchanged.
     """
-    real, size = real_vocab_size(model), model.config.vocab_size
-    if real == size:
+    if not hasattr(model, _REAL_VOCAB_ATTR) or real_vocab_size(model) == model.config.vocab_size:
         yield model
         return
+    real, size = real_vocab_size(model), model.config.vocab_size
     import torch
 
     emb, out = _tied_layers(model)
