@@ -8,12 +8,14 @@ Two Ray Train runs share the work (each worker-group start costs seconds on a 2-
   S3 with ``AutoModelForCausalLM``, generate, and carry the chat template.
 * The same 60 steps with global batch 16 in one process (chatray's ``TrainStep``, the code every worker runs,
   no Ray) give the same loss trajectory as the 2 workers, killed worker included (tolerance below).
-* The ``two_workers`` run rerun with a higher ``max_steps`` (streaming its data through Ray Data this time):
-  it resumes at step 61 with the optimizer state, the step count and the metrics log carried over.
+* The ``two_workers`` run rerun with a higher ``max_steps`` (streaming its data through Ray Data this time, and
+  with the vocabulary padded as on a GPU): it resumes at step 61 with the optimizer state, the step count and the
+  metrics log carried over, and its checkpoints keep the tokenizer-sized vocabulary.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -235,10 +237,16 @@ def test_rerun_with_same_name_resumes(two_workers, tiny_dataset, tmp_path):
 
     run, _ = two_workers
     storage = run.rsplit("/", 1)[0]
+    from chatray.data.dataset import load_tokenizer
+
     # data.cache=false: this run streams the split (read_parquet -> map_batches packing -> repartition) instead
-    # of loading it in memory, so both data paths are exercised.
+    # of loading it in memory, so both data paths are exercised. The padded vocabulary is what a GPU run trains
+    # with: an unpadded checkpoint resumes padded, and the new checkpoints are tokenizer-sized again.
+    vocab = len(load_tokenizer(tiny_dataset))
+    assert vocab % 128, "the demo tokenizer's size must not be a multiple of 128, or nothing is padded"
     summary = run_training(_cfg(tiny_dataset, storage, "two", f"train.max_steps={STEPS + 8}", "checkpoint.every=8",
-                                "data.cache=false"), progress=False, forward_env=S3_CREDENTIALS)
+                                "data.cache=false", "model.pad_vocab_multiple=128"), progress=False,
+                           forward_env=S3_CREDENTIALS)
     assert summary["step"] == STEPS + 8
     untrained, *recs = read_metrics(run)
     assert untrained["step"] == 0, "the untrained model's eval (eval.at_start) stays first when the run resumes"
@@ -249,3 +257,6 @@ def test_rerun_with_same_name_resumes(two_workers, tiny_dataset, tmp_path):
     assert state["trainer"]["step"] == STEPS + 8
     adam_steps = {float(s["step"]) for s in state["trainer"]["optimizer"]["state"].values()}
     assert adam_steps == {float(STEPS + 8)}, "AdamW moments continued from the checkpoint, not from zero"
+    assert json.loads((Path(local) / "config.json").read_text())["vocab_size"] == vocab
+    rows = {m.shape[0] for s in state["trainer"]["optimizer"]["state"].values() for m in s.values() if m.dim() == 2}
+    assert vocab in rows and -(-vocab // 128) * 128 not in rows, rows

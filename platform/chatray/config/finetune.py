@@ -68,11 +68,16 @@ class ModelSection:
     dropout: float | None = opt(None, "dropout probability (default: 0.0 for tiny, the checkpoint's own otherwise)")
     compile: bool = opt(False, "torch.compile the model (faster steps on GPU after a one-off compile)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+    pad_vocab_multiple: int | Literal["auto"] = opt(
+        "auto", "train with the vocabulary padded to a multiple of this (faster GPU matmuls; checkpoints keep the "
+        "tokenizer's size); auto: 128 on GPU, 1 (none) on CPU")
 
     def __post_init__(self) -> None:
         problems = []
         if not self.name:
             problems.append("name must be a preset, hub id or folder")
+        if self.pad_vocab_multiple != "auto":
+            problems += _too_low(self, pad_vocab_multiple=1)
         problems += _too_low(self, n_layer=1, n_head=1, n_embd=1)
         if self.n_embd and self.n_head and self.n_embd % self.n_head:
             problems.append(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")

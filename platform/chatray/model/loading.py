@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from chatray.errors import ChatrayError
 from chatray.model.presets import GPT2_ARCH, HUB_PRESETS, is_tiny, tiny_config
+from chatray.model.vocab import unpadded_vocab
 
 if TYPE_CHECKING:
     import torch
@@ -234,7 +235,8 @@ def load_model_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, folder: str | Path) -> None:
     """Write ``config.json``, ``generation_config.json``, ``model.safetensors`` and the tokenizer to ``folder``.
 
-    The generation config carries EOS/PAD so that ``generate`` stops at the end of an assistant turn.
+    The generation config carries EOS/PAD so that ``generate`` stops at the end of an assistant turn. A model
+    whose vocabulary was padded for training (:mod:`chatray.model.vocab`) is saved tokenizer-sized.
     """
     from transformers import GenerationConfig
 
@@ -247,7 +249,8 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else eos
     model.generation_config = GenerationConfig(bos_token_id=model.config.bos_token_id, eos_token_id=eos,
                                                pad_token_id=pad)
-    model.save_pretrained(str(out), safe_serialization=True)
+    with unpadded_vocab(model):
+        model.save_pretrained(str(out), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
 

@@ -111,16 +111,16 @@ def _model(cfg: FinetuneConfig, plan: RunPlan, resume: Resume | None) -> Any:
 
 
 def _train_step(model: Any, cfg: FinetuneConfig, plan: RunPlan, device: torch.device) -> TrainStep:
-    """The model wrapped for data parallelism (``prepare_model``) inside a :class:`TrainStep`."""
+    """The model (vocabulary padded for the device) wrapped for data parallelism inside a :class:`TrainStep`."""
     import ray.train.torch
 
-    from chatray.train.step import StepConfig, TrainStep
+    from chatray.train.step import StepConfig, make_train_step
 
     if cfg.model.gradient_checkpointing:
         model.config.use_cache = False
         model.gradient_checkpointing_enable()
-    return TrainStep(ray.train.torch.prepare_model(model), StepConfig.from_config(cfg, device.type), device,
-                     pad_id=plan.pad_id)
+    return make_train_step(model, StepConfig.from_config(cfg, device.type), device,
+                           wrap=ray.train.torch.prepare_model, pad_id=plan.pad_id)
 
 
 def _eval_batches(cfg: FinetuneConfig, plan: RunPlan, worker: _Worker) -> list[Batch]:
@@ -141,6 +141,7 @@ def _sample_reply(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, 
     import torch
 
     from chatray.model import config_context_length
+    from chatray.model.vocab import unpadded_vocab
 
     text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                          add_generation_prompt=True)
@@ -149,7 +150,7 @@ def _sample_reply(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, 
     ids = ids[:, -max(ctx - max_new_tokens, 1):]
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), unpadded_vocab(model):  # padding rows' logits (0) must never be sampled
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)

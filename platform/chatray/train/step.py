@@ -1,14 +1,19 @@
 """One optimizer step of causal-LM fine-tuning, with no Ray in sight.
 
 :class:`TrainStep` owns the optimizer (AdamW, fused where available), the warm-up + cosine schedule,
-gradient accumulation, clipping, bf16 autocast and optional ``torch.compile``. Ray Train workers wrap it
-(``chatray.train.loop``); ``benchmarks/gpu_train.py`` and the unit tests drive it directly. When
+gradient accumulation, clipping, bf16 autocast and optional ``torch.compile``. :func:`make_train_step` builds it
+the one way both Ray Train workers (``chatray.train.loop``) and ``benchmarks/gpu_train.py`` use: vocabulary padded
+for the device (``model.pad_vocab_multiple``), TF32 matmuls on CUDA, the model placed and wrapped. When
 ``torch.distributed`` is initialised (Ray Train sets it up) it averages over ranks; otherwise it is a
 plain single-process step.
 
 Loss normalisation is by target tokens over the whole global batch: every rank scales its summed loss by
 ``world_size / global_target_tokens`` before DDP averages gradients, so N workers with batch B/N take the
 same step as one worker with batch B.
+
+A step on one worker does not wait for the device: its token counts come from the host-side batches, and the
+loss is summed on the device and read only when a log line is due (:meth:`TrainStep.flush_loss`), as is the
+gradient norm. With several workers the counts are summed over ranks each step (one all-reduce of four numbers).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,15 +29,18 @@ import torch
 import torch.nn.functional as F
 
 from chatray.data.dataset import IGNORE_INDEX
+from chatray.model.vocab import pad_vocab, padded_rows, real_vocab_size
 from chatray.train.batches import Batch, dummy_batch
 
 if TYPE_CHECKING:
     from chatray.config import FinetuneConfig
 
-__all__ = ["StepConfig", "StepResult", "TrainStep", "lr_multiplier", "make_optimizer"]
+__all__ = ["StepConfig", "StepResult", "TrainStep", "lr_multiplier", "make_optimizer", "make_train_step"]
 
 # Fields of StepConfig resolved from more than the ``train`` section; the others are copied from it by name.
-_RESOLVED = ("grad_accum", "precision", "compile")
+_RESOLVED = ("grad_accum", "precision", "compile", "pad_vocab_multiple")
+# ``model.pad_vocab_multiple: auto`` on CUDA: 50,257 -> 50,304 rows, a shape tensor cores run at full speed.
+_GPU_VOCAB_MULTIPLE = 128
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class StepConfig:
     grad_accum: int  # micro-batches per optimizer step on each worker (global_batch_size applied)
     precision: Literal["fp32", "bf16"]  # ``auto`` resolved for the device
     compile: bool  # ``model.compile``
+    pad_vocab_multiple: int  # ``model.pad_vocab_multiple``, ``auto`` resolved for the device (1 = no padding)
 
     @classmethod
     def from_config(cls, cfg: FinetuneConfig, device_type: str = "cpu") -> StepConfig:
@@ -61,7 +71,11 @@ class StepConfig:
         precision = t.precision
         if precision == "auto":
             precision = "bf16" if device_type == "cuda" else "fp32"
-        return cls(**shared, grad_accum=cfg.grad_accum, precision=precision, compile=cfg.model.compile)
+        multiple = cfg.model.pad_vocab_multiple
+        if multiple == "auto":
+            multiple = _GPU_VOCAB_MULTIPLE if device_type == "cuda" else 1
+        return cls(**shared, grad_accum=cfg.grad_accum, precision=precision, compile=cfg.model.compile,
+                   pad_vocab_multiple=multiple)
 
 
 @dataclass
@@ -107,6 +121,33 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+def make_train_step(model: torch.nn.Module, cfg: StepConfig, device: torch.device, *,
+                    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None, pad_id: int = 0) -> TrainStep:
+    """The training step a worker runs on ``device``, built from an unwrapped model.
+
+    Pads the vocabulary to ``cfg.pad_vocab_multiple`` (before wrapping: DDP and the optimizer must see the final
+    weights) and, on CUDA, lets float32 matmuls use TF32 (``torch.set_float32_matmul_precision("high")``).
+
+    Args:
+        model: a Hugging Face causal LM on the CPU or on ``device``, not yet wrapped.
+        cfg: the step settings for ``device`` (:meth:`StepConfig.from_config`).
+        device: where the step runs.
+        wrap: places and wraps the model (Ray Train's ``prepare_model``); default: ``model.to(device)``.
+        pad_id: token of the dummy batches of a rank whose data ran out.
+
+    Returns:
+        The :class:`TrainStep`.
+
+    Raises:
+        ChatrayError: padding was asked for a model without tied, bias-free output embeddings.
+    """
+    if cfg.pad_vocab_multiple > 1:
+        pad_vocab(model, cfg.pad_vocab_multiple)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    return TrainStep(wrap(model) if wrap is not None else model.to(device), cfg, device, pad_id=pad_id)
+
+
 class TrainStep:
     """Forward/backward over ``grad_accum`` micro-batches, then clip and step AdamW and the schedule.
 
@@ -123,6 +164,7 @@ class TrainStep:
         self.pad_id = pad_id
         self.model = model
         self.raw_model = _unwrap(model)
+        self.vocab_size = real_vocab_size(self.raw_model)  # logits beyond it are padding, sliced off before the loss
         self.optimizer = make_optimizer(self.raw_model, cfg, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, cfg))
         self.step = 0
@@ -142,7 +184,11 @@ class TrainStep:
 
     def _loss_impl(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            logits = self.model(input_ids=input_ids).logits  # (B, T, vocab)
+            # No use_cache=False: without a cache and a mask, transformers looks for packed sequences in the position
+            # ids (a host sync in eager mode, an explicit mask that rules out flash attention under compile).
+            logits = self.model(input_ids=input_ids).logits  # (B, T, padded vocab)
+        if logits.size(-1) != self.vocab_size:
+            logits = logits[..., : self.vocab_size]  # (B, T, vocab)
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
 
@@ -151,7 +197,7 @@ class TrainStep:
         return self._loss(batch.input_ids, batch.targets)
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
-        if not _distributed():
+        if not _distributed() or self.world_size == 1:  # Ray Train sets up a group even for one worker
             return values
         comm = self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
         t = torch.tensor(values, dtype=torch.float64, device=comm)
@@ -227,11 +273,39 @@ class TrainStep:
 
     # ---------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer, scheduler and step (for ``train_state.pt``)."""
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Optimizer, scheduler and step (for ``train_state.pt``), with the tokenizer-sized vocabulary.
+
+        The optimizer moments of padding rows are always zero (they get no gradient), so they are left out:
+        ``train_state.pt`` is the same whether or not the run padded, and resumes on either kind of device.
+        """
+        return {"step": self.step, "optimizer": self._optimizer_rows(self.optimizer.state_dict(), pad=False),
+                "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the schedule continues at ``state['step']``)."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self._optimizer_rows(state["optimizer"], pad=True))
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
+
+    def _optimizer_rows(self, opt_state: dict[str, Any], *, pad: bool) -> dict[str, Any]:
+        """``opt_state`` with the padded matrix's moments trimmed to the vocabulary, or zero-padded back."""
+        weight = padded_rows(self.raw_model)
+        if weight is None:
+            return opt_state
+        index = next(i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])
+                     if p is weight)  # optimizer state dicts number parameters in group order
+        rows = weight.shape[0] if pad else self.vocab_size
+        state = dict(opt_state["state"])
+        if index in state:
+            state[index] = {k: _with_rows(v, rows) if torch.is_tensor(v) and v.dim() == 2 else v
+                            for k, v in state[index].items()}
+        return {**opt_state, "state": state}
+
+
+def _with_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` (rows, cols) cut or zero-padded to ``rows`` rows, as a new tensor."""
+    if t.shape[0] >= rows:
+        return t[:rows].clone()
+    out = t.new_zeros((rows, *t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out

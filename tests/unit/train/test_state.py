@@ -24,20 +24,20 @@ from chatray.train.state import (
     restore_train_state,
     write_checkpoint,
 )
-from chatray.train.step import StepConfig, TrainStep
+from chatray.train.step import StepConfig, TrainStep, make_train_step
 
 CPU = torch.device("cpu")
 
 
-def _run(small_dataset, tmp_path) -> tuple[FinetuneConfig, object, TrainStep, list]:
+def _run(small_dataset, tmp_path, *extra: str) -> tuple[FinetuneConfig, object, TrainStep, list]:
     cfg, plan = plan_run(load_config(FinetuneConfig, None, [
         f"data.path={small_dataset}", f"run.storage_path={tmp_path}", "run.name=r", "model.n_layer=1",
-        "model.n_head=2", "model.n_embd=32", "train.max_steps=10", "train.warmup_steps=2", "train.lr=2e-3"]))
+        "model.n_head=2", "model.n_embd=32", "train.max_steps=10", "train.warmup_steps=2", "train.lr=2e-3", *extra]))
     model = build_model("tiny", vocab_size=plan.vocab_size, block_size=plan.block_size, eos_token_id=plan.eos_id,
                         n_layer=1, n_head=2, n_embd=32, seed=0)
     batches = list(iter_local_batches(str(small_dataset), "train", block_size=plan.block_size, micro_batch_size=4,
                                       pad_id=plan.pad_id))
-    return cfg, plan, TrainStep(model, StepConfig.from_config(cfg), CPU, plan.pad_id), batches
+    return cfg, plan, make_train_step(model, StepConfig.from_config(cfg), CPU, pad_id=plan.pad_id), batches
 
 
 def _save(step: TrainStep, cfg, plan, small_dataset, position: DataPosition) -> str:
@@ -64,6 +64,31 @@ def test_resume_continues_exactly_where_the_checkpoint_stopped(small_dataset, tm
     position = restore_train_state(resumed, resume, layout=DataLayout.of(cfg, 1), seed=0, rank=0)
     assert position == DataPosition(epoch=1, micro_batches=7, tokens_seen=1234)
     assert resumed.step == 3
+    for b in batches[3:5]:
+        resumed([b])
+    for pa, pb in zip(run.raw_model.parameters(), resumed.raw_model.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_padded_run_checkpoints_the_tokenizer_vocab_and_resumes_padded(small_dataset, tmp_path):
+    cfg, plan, run, batches = _run(small_dataset, tmp_path, "model.pad_vocab_multiple=128")
+    assert run.raw_model.config.vocab_size > plan.vocab_size, "the run trains padded"
+    for b in batches[:3]:
+        run([b])
+    uri = _save(run, cfg, plan, small_dataset, DataPosition(epoch=0, micro_batches=3, tokens_seen=1))
+    for b in batches[3:5]:
+        run([b])
+
+    assert json.loads((Path(uri) / "config.json").read_text())["vocab_size"] == plan.vocab_size
+    resume = find_resume(plan.run_uri, enabled=True, rank=0)
+    rows = {s["exp_avg"].shape[0] for s in resume.state["trainer"]["optimizer"]["state"].values()
+            if s["exp_avg"].dim() == 2}
+    assert plan.vocab_size in rows and run.raw_model.config.vocab_size not in rows, rows
+    loaded = load_model(uri)
+    assert loaded.config.vocab_size == plan.vocab_size
+    resumed = make_train_step(loaded, StepConfig.from_config(cfg), CPU, pad_id=plan.pad_id)
+    assert resumed.raw_model.config.vocab_size == run.raw_model.config.vocab_size, "re-padded on resume"
+    restore_train_state(resumed, resume, layout=DataLayout.of(cfg, 1), seed=0, rank=0)
     for b in batches[3:5]:
         resumed([b])
     for pa, pb in zip(run.raw_model.parameters(), resumed.raw_model.parameters()):

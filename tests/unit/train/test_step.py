@@ -1,4 +1,4 @@
-"""TrainStep without Ray: loss falls, accumulation is exact, state round-trips, schedule shape."""
+"""TrainStep without Ray: loss falls, accumulation is exact, state round-trips, schedule shape, vocab padding."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from chatray.config import FinetuneConfig, from_dict
-from chatray.model import build_model
+from chatray.model import build_model, load_model, save_model
 from chatray.train.batches import iter_local_batches
 from chatray.train.state import rng_state, set_rng_state
-from chatray.train.step import StepConfig, TrainStep, lr_multiplier
+from chatray.train.step import StepConfig, TrainStep, lr_multiplier, make_train_step
+
+CPU = torch.device("cpu")
 
 
 def _model(vocab: int, seed: int = 0):
@@ -20,9 +22,10 @@ def _model(vocab: int, seed: int = 0):
                        seed=seed)
 
 
-def _step_cfg(**train) -> StepConfig:
+def _step_cfg(pad_vocab_multiple: int | str = "auto", **train) -> StepConfig:
     """Step settings of a run whose ``train`` section sets ``train`` (the rest: the section's defaults)."""
-    return StepConfig.from_config(from_dict(FinetuneConfig, {"train": train}))
+    return StepConfig.from_config(from_dict(FinetuneConfig, {"train": train,
+                                                             "model": {"pad_vocab_multiple": pad_vocab_multiple}}))
 
 
 def _batches(ds, micro: int = 4, n: int | None = None):
@@ -113,3 +116,85 @@ def test_step_config_comes_from_the_run_config():
     assert (step_cfg.precision, StepConfig.from_config(cfg, "cuda").precision) == ("fp32", "bf16")  # auto
     fp32 = from_dict(FinetuneConfig, {"train": {"precision": "fp32"}})
     assert StepConfig.from_config(fp32, "cuda").precision == "fp32"
+
+
+def test_vocab_padding_setting_resolves_per_device():
+    auto = from_dict(FinetuneConfig, {})
+    assert (StepConfig.from_config(auto).pad_vocab_multiple, StepConfig.from_config(auto, "cuda").pad_vocab_multiple) \
+        == (1, 128)
+    assert _step_cfg(pad_vocab_multiple=64).pad_vocab_multiple == 64
+    with pytest.raises(ValueError, match="pad_vocab_multiple must be >= 1"):
+        from_dict(FinetuneConfig, {"model": {"pad_vocab_multiple": 0}})
+    with pytest.raises(ValueError, match="pad_vocab_multiple"):
+        from_dict(FinetuneConfig, {"model": {"pad_vocab_multiple": "big"}})
+
+
+def test_padded_vocab_trains_like_the_unpadded_model(small_dataset):
+    """Padding rows change the shapes, not the math: same loss, gradient norm and updates (float tolerance)."""
+    vocab, batches = _batches(small_dataset, n=4)
+    plain = make_train_step(_model(vocab), _step_cfg(lr=2e-3, warmup_steps=0), CPU)
+    padded = make_train_step(_model(vocab), _step_cfg(128, lr=2e-3, warmup_steps=0), CPU)
+    assert padded.raw_model.config.vocab_size == -(-vocab // 128) * 128 > vocab == padded.vocab_size
+    torch.testing.assert_close(padded.loss_sum(batches[0]), plain.loss_sum(batches[0]))
+    for b in batches[:3]:
+        plain([b])
+        padded([b])
+    torch.testing.assert_close(padded.grad_norm, plain.grad_norm, rtol=1e-4, atol=1e-6)
+    assert padded.flush_loss() == pytest.approx(plain.flush_loss(), rel=1e-6)
+    for pa, pb in zip(padded.raw_model.parameters(), plain.raw_model.parameters()):
+        torch.testing.assert_close(pa[: pb.shape[0]], pb, rtol=1e-4, atol=1e-5)
+    assert not padded.raw_model.get_input_embeddings().weight[vocab:].any(), "the padding rows got no update"
+    assert padded.evaluate(batches)[0] == pytest.approx(plain.evaluate(batches)[0], rel=1e-5)
+
+
+def test_padded_run_saves_tokenizer_sized_state_and_resumes_padded_or_not(small_dataset, tmp_path):
+    """A padded run's weights and optimizer state resume a padded step (a GPU) or an unpadded one (a CPU)."""
+    vocab, batches = _batches(small_dataset, n=5)
+    cfg = _step_cfg(128, lr=2e-3, warmup_steps=2, max_steps=10)
+    run = make_train_step(_model(vocab), cfg, CPU)
+    for b in batches[:3]:
+        run([b])
+    buf = io.BytesIO()
+    torch.save(run.state_dict(), buf)
+    save_model(run.raw_model, None, tmp_path)
+    matrices = [t.shape for s in run.state_dict()["optimizer"]["state"].values() for t in s.values() if t.dim() == 2]
+    assert (vocab, 32) in matrices and all(shape[0] != run.raw_model.config.vocab_size for shape in matrices)
+    for b in batches[3:5]:
+        run([b])
+
+    for step_cfg in (cfg, _step_cfg(lr=2e-3, warmup_steps=2, max_steps=10)):
+        buf.seek(0)
+        resumed = make_train_step(load_model(tmp_path), step_cfg, CPU)
+        resumed.load_state_dict(torch.load(buf, weights_only=True))
+        assert resumed.step == 3
+        for b in batches[3:5]:
+            resumed([b])
+        for pa, pb in zip(run.raw_model.parameters(), resumed.raw_model.parameters()):
+            torch.testing.assert_close(pa[: pb.shape[0]], pb[: pa.shape[0]], rtol=1e-4, atol=1e-5)
+
+
+def test_one_worker_group_steps_without_collectives(small_dataset, tmp_path, monkeypatch):
+    """Ray Train sets up a process group even for one worker: its steps must not wait on collectives."""
+    import torch.distributed as dist
+
+    vocab, batches = _batches(small_dataset, n=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        step = TrainStep(_model(vocab), _step_cfg(), CPU)
+        monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: pytest.fail("a collective in a one-worker step"))
+        res = step([batches[0]])
+        assert res is not None and res.loss_tokens == batches[0].n_loss
+        assert math.isfinite(step.flush_loss()) and step.evaluate(batches[1:])[1] == batches[1].n_loss
+    finally:
+        dist.destroy_process_group()
+
+
+def test_traced_forward_uses_causal_sdpa_without_a_mask(small_dataset):
+    """What torch.compile captures of the step's forward calls SDPA with is_causal and no mask: flash-eligible."""
+    vocab, batches = _batches(small_dataset, n=1)
+    step = make_train_step(_model(vocab), _step_cfg(), CPU)
+    b = batches[0]
+    calls = [node.kwargs for g in torch._dynamo.explain(step._loss_impl)(b.input_ids, b.targets).graphs
+             for node in g.graph.nodes if "scaled_dot_product_attention" in str(node.target)]
+    torch._dynamo.reset()
+    assert calls and all(c.get("is_causal") is True and c.get("attn_mask") is None for c in calls), calls
