@@ -178,7 +178,10 @@ class GenerationEngine:
         outputs: list[StepOutput] = []
         running = list(self.scheduler.running)
         if running:
-            sampled = self._isolated(self._decode, running, packed=True)
+            # Slots 0..R-1 as views (and the CUDA graphs) when they are all running; with holes left by finished
+            # requests, eager steps gather just the running slots rather than compute rows nobody reads.
+            packed = self._graphs is not None or len(running) == self.cache.high_water()
+            sampled = self._isolated(self._decode, running, packed=packed)
             outputs += self._consume([s for s, _ in sampled], [t for _, t in sampled])
         chunks = self.scheduler.schedule_prefill(len(running))
         if chunks:
