@@ -258,30 +258,28 @@ class GenerationEngine:
 
     def _prefill(self, chunks: list[Chunk]) -> list[tuple[Seq, int]]:
         """Write the chunks' prompt tokens to the cache; sample the first token of prompts that complete."""
-        width = max(c.end - c.start for c in chunks)
-        n = len(chunks)
-        tokens = torch.zeros((n, width), dtype=torch.long)
-        positions = torch.zeros((n, width), dtype=torch.long)
-        write = torch.full((n, width), self.cache.scratch, dtype=torch.long)
-        keep: list[int] = []  # flat (row * width + column) indices whose logits are needed
-        for i, c in enumerate(chunks):
-            m = c.end - c.start
-            tokens[i, :m] = torch.tensor(c.seq.prompt_ids[c.start:c.end])
-            positions[i, :m] = write[i, :m] = torch.arange(c.start, c.end)
+        tokens: list[int] = []
+        positions: list[int] = []
+        token_slots: list[int] = []
+        keep: list[int] = []  # indices (in the packed tokens) whose logits are needed
+        for c in chunks:
+            at = len(tokens)
+            tokens += c.seq.prompt_ids[c.start:c.end]
+            positions += range(c.start, c.end)
+            token_slots += [c.seq.slot] * (c.end - c.start)
             if c.seq.params.prompt_logprobs is not None:
-                keep += range(i * width, i * width + m)
+                keep += range(at, len(tokens))
             elif c.completes:
-                keep.append(i * width + m - 1)
-        slots = torch.tensor([c.seq.slot for c in chunks], dtype=torch.long)
+                keep.append(len(tokens) - 1)
         dev = self.device
-        h = self.forward.hidden(tokens.to(dev), positions.to(dev), write.to(dev), self.cache,
-                                max(c.end for c in chunks), slots=slots.to(dev))
+        packed = torch.tensor([tokens, positions, token_slots], dtype=torch.long).to(dev)
+        h = self.forward.prefill_hidden(packed[0], packed[1], packed[2],
+                                        [(c.seq.slot, c.start, c.end) for c in chunks], self.cache)
         for c in chunks:
             self.scheduler.prefilled(c)
         if not keep:  # only partial prompts: nothing to score or sample yet
             return []
-        picked = torch.tensor(keep, dtype=torch.long, device=dev)
-        logits = self.forward.logits(h.view(n * width, -1).index_select(0, picked))
+        logits = self.forward.logits(h.index_select(0, torch.tensor(keep, dtype=torch.long, device=dev)))
         done, last_rows, at = [], [], 0
         for c in chunks:
             m = c.end - c.start
@@ -333,11 +331,16 @@ class GenerationEngine:
             logits[:, self._vocab_limit:] = float("-inf")
         plan = SamplerPlan.of([r.params for r in rows])
         state = self.slots.rows(index)
-        seeds = self.slots.seed[:index] if isinstance(index, int) else self.slots.seed.index_select(0, index)
+        if plan.all_greedy:
+            uniforms = counters  # not read: greedy rows take the argmax
+        else:
+            seeds = self.slots.seed[:index] if isinstance(index, int) else self.slots.seed.index_select(0, index)
+            uniforms = seeded_uniforms(seeds, counters)
         tokens = sample(logits, **{k: v for k, v in state.items() if k not in ("seen", "counts")},
-                        uniforms=seeded_uniforms(seeds, counters), seen=state["seen"],
+                        uniforms=uniforms, seen=state["seen"],
                         counts=state["counts"] if plan.presence_frequency else None, plan=plan)
-        self.slots.record(index, tokens, count=plan.presence_frequency)
+        # A row with a penalty is in every step's plan while it runs, so its history is never missing a token.
+        self.slots.record(index, tokens, seen=plan.repetition, count=plan.presence_frequency)
         host = tokens.tolist()  # the step's one wait for the device
         if want:
             k = max(r.params.logprobs or 0 for _, r in want)

@@ -5,15 +5,16 @@ of a preallocated cache, so serving runs this forward instead. It reads the para
 ``GPT2LMHeadModel`` in place (no copy: the same tensors, the same ``addmm`` on the transposed ``Conv1D``
 weights as transformers), so a checkpoint loads exactly as before and greedy output matches ``generate``.
 
-One call handles ``R`` rows of ``Q`` tokens each: a decode step (``Q == 1``, one row per cache slot) or a
-prefill chunk (one row per sequence, padded to the longest chunk). Each token's key and value are written to
-``(slot, write_pos)`` first; then every query attends to its slot's positions ``[0, attn_len)`` up to its own
-position. Rows and tokens that must leave the cache alone write to the cache's scratch position.
+:meth:`GPT2Forward.hidden` handles ``R`` rows of ``Q`` tokens each (a decode step: ``Q == 1``, one row per cache
+slot). Each token's key and value are written to ``(slot, write_pos)`` first; then every query attends to its
+slot's positions ``[0, attn_len)`` up to its own position. Rows that must leave the cache alone write to the
+cache's scratch position. :meth:`GPT2Forward.prefill_hidden` packs prompt chunks end to end, without padding.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,6 +121,59 @@ class GPT2Forward:
             h = F.layer_norm(x, (E,), *layer.ln2, self.eps).view(-1, E)
             m = self.act(torch.addmm(layer.fc[1], h, layer.fc[0]))
             x = x + torch.addmm(layer.fc_proj[1], m, layer.fc_proj[0]).view(R, Q, E)
+        return F.layer_norm(x, (E,), *self.ln_f, self.eps)
+
+    def prefill_hidden(self, tokens: torch.Tensor, positions: torch.Tensor, token_slots: torch.Tensor,
+                       spans: Sequence[tuple[int, int, int]], cache: KVCache) -> torch.Tensor:
+        """Prompt chunks packed end to end, with no padding: the final hidden states of all their tokens.
+
+        The matrix products run once over every token of every chunk; attention runs per group of chunks that
+        cover the same positions (a batch of fresh prompts of one length is one call), each over its own slot.
+
+        Args:
+            tokens: (N,) the chunks' token ids, one chunk after the other.
+            positions: (N,) each token's position in its sequence (also where its key/value goes).
+            token_slots: (N,) each token's cache slot.
+            spans: per chunk, (slot, start, end): it holds positions ``[start, end)``, in the order of ``tokens``.
+            cache: the replica's KV cache.
+
+        Returns:
+            (N, E) hidden states.
+        """
+        N, E, H, D = tokens.shape[0], self.n_embd, self.n_head, self.head_dim
+        dev = tokens.device
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (start, end) -> [(slot, offset in tokens)]
+        offset = 0
+        for slot, start, end in spans:
+            groups.setdefault((start, end), []).append((slot, offset))
+            offset += end - start
+        plan = []
+        for (start, end), members in groups.items():
+            m = end - start
+            idx = torch.tensor([o + i for _, o in members for i in range(m)], dtype=torch.long, device=dev)
+            slots = torch.tensor([s for s, _ in members], dtype=torch.long, device=dev)
+            # Chunks starting at 0 see exactly their own tokens causally; later chunks also see what came before.
+            mask = None if start == 0 else (torch.arange(end, device=dev)[None, :]
+                                            <= torch.arange(start, end, device=dev)[:, None])
+            plan.append((len(members), m, end, idx, slots, mask))
+        x = F.embedding(tokens, self.wte) + F.embedding(positions, self.wpe)
+        for i, layer in enumerate(self.layers):
+            h = F.layer_norm(x, (E,), *layer.ln1, self.eps)
+            q, k, v = torch.addmm(layer.attn[1], h, layer.attn[0]).view(N, 3, H, D).unbind(1)  # (N, H, D) each
+            keys, values = cache.keys[i], cache.values[i]
+            keys[token_slots, :, positions] = k
+            values[token_slots, :, positions] = v
+            a = torch.empty_like(q)
+            for g, m, end, idx, slots, mask in plan:
+                qg = q.index_select(0, idx).view(g, m, H, D).transpose(1, 2)
+                kg = keys[:, :, :end].index_select(0, slots)
+                vg = values[:, :, :end].index_select(0, slots)
+                out = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, is_causal=mask is None,
+                                                     scale=layer.scale)
+                a.index_copy_(0, idx, out.transpose(1, 2).reshape(g * m, H, D))
+            x = x + torch.addmm(layer.proj[1], a.view(N, E), layer.proj[0])
+            h = F.layer_norm(x, (E,), *layer.ln2, self.eps)
+            x = x + torch.addmm(layer.fc_proj[1], self.act(torch.addmm(layer.fc[1], h, layer.fc[0])), layer.fc_proj[0])
         return F.layer_norm(x, (E,), *self.ln_f, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -59,9 +59,13 @@ class SlotState:
                 "repetition_penalty": pick(self.penalty), "presence_penalty": pick(self.presence),
                 "frequency_penalty": pick(self.frequency), "seen": pick(self.seen), "counts": pick(self.counts)}
 
-    def record(self, slots: torch.Tensor | int, tokens: torch.Tensor, count: bool) -> None:
-        """Add the sampled ``tokens`` to the rows' history (``count``: also their output counts)."""
+    def record(self, slots: torch.Tensor | int, tokens: torch.Tensor, seen: bool, count: bool) -> None:
+        """Add the sampled ``tokens`` to the rows' history: ``seen`` (for the repetition penalty) and ``count``
+        (output counts, for presence and frequency penalties), each only when some row in the batch uses it."""
+        if not (seen or count):
+            return
         idx = torch.arange(slots, device=tokens.device) if isinstance(slots, int) else slots
-        self.seen[idx, tokens] = True
+        if seen:
+            self.seen[idx, tokens] = True
         if count:
             self.counts[idx, tokens] += 1

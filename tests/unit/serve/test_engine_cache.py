@@ -142,14 +142,16 @@ def test_a_failing_request_fails_alone_and_the_batch_goes_on(tiny_model):
     alone = {rid: GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[]).generate([p], params)[0].text
              for rid, p in prompts.items() if rid != "bad"}
     core = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[])
-    real = core.forward.hidden
 
-    def hidden(tokens, *args, **kwargs):
-        if bool((tokens == poison).any()):
-            raise RuntimeError("simulated kernel failure")
-        return real(tokens, *args, **kwargs)
+    def poisoned(real):
+        def forward(tokens, *args, **kwargs):
+            if bool((tokens == poison).any()):
+                raise RuntimeError("simulated kernel failure")
+            return real(tokens, *args, **kwargs)
+        return forward
 
-    core.forward.hidden = hidden
+    core.forward.hidden = poisoned(core.forward.hidden)  # decode steps
+    core.forward.prefill_hidden = poisoned(core.forward.prefill_hidden)  # prompts
 
     async def main():
         engine = AsyncEngine(core, batch_wait_timeout_s=0.01, step_delay_s=0.0)
