@@ -57,6 +57,13 @@ SERVE_OVERRIDES: list[tuple[list[str], Any, str]] = [
     (["applications", f"app:{APP}", "deployments", f"deployment:{GENERATOR}", "ray_actor_options"],
      {"num_cpus": 2, "num_gpus": 1},
      "one GPU per Generator replica (the GPU profile commented in serve_config.yaml)"),
+    (["applications", f"app:{APP}", "args", "max_batch_size"], 64,
+     "a GPU replica decodes 64 sequences per step (KV cache on the card, decode as CUDA graphs)"),
+    (["applications", f"app:{APP}", "deployments", f"deployment:{GENERATOR}", "max_ongoing_requests"], 128,
+     "per GPU replica: a batch of 64 running plus 64 waiting in the engine"),
+    (["applications", f"app:{APP}", "deployments", f"deployment:{GENERATOR}", "autoscaling_config",
+      "target_ongoing_requests"], 48,
+     "scale out before a GPU replica's 64 slots are full"),
 ]
 
 __all__ = [
