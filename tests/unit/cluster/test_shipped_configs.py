@@ -169,7 +169,10 @@ def test_serve_config_is_valid_and_its_import_paths_resolve(name: str, config: d
         assert options["Ingress"]["num_replicas"] == 1
         assert options["Generator"]["autoscaling_config"]["min_replicas"] == 1
         assert options["Generator"]["autoscaling_config"]["max_replicas"] == 2
-        assert (args.api_key_env, args.max_batch_size, args.max_body_bytes) == ("CHATRAY_API_KEY", 16, 1048576)
+        assert (args.api_key_env, args.max_body_bytes) == ("CHATRAY_API_KEY", 1048576)
+        gpu = "rayservice" in name  # the KubeRay profile: one GPU per replica, a larger batch (render.py says why)
+        assert args.max_batch_size == (64 if gpu else 16)
+        assert options["Generator"]["max_ongoing_requests"] >= 2 * args.max_batch_size  # a full batch plus as many
         # The deployment options are ones the deployments accept, and the app builds with them (building
         # resolves the checkpoint, so it gets one that exists here).
         from support.checkpoints import make_checkpoint
