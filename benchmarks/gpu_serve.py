@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
           f"device {name}, torch {torch.__version__}", flush=True)
     t0 = time.perf_counter()
     core = GenerationEngine(model, tok, max_batch_size=max(args.concurrency), max_num_batched_tokens=args.budget)
-    graphs = core._graphs.warm_up() if core._graphs is not None else 0
+    graphs = core.warm_up()
     print(f"engine: {core.max_batch_size} slots, KV cache {core.cache.nbytes() / 2**20:.0f} MiB, {graphs} CUDA graphs "
           f"captured in {time.perf_counter() - t0:.1f}s", flush=True)
     batches = {n: prompts_for(n, args.prompt_tokens, model.config.vocab_size) for n in (1, *args.concurrency)}

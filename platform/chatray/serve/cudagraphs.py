@@ -16,9 +16,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["DecodeGraphs", "batch_buckets", "length_buckets"]
+__all__ = ["DecodeGraphs", "GraphCaptureError", "batch_buckets", "length_buckets"]
 
 DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+class GraphCaptureError(RuntimeError):
+    """A decode step could not be captured as a CUDA graph (the engine then runs decode steps eagerly)."""
 
 
 def batch_buckets(max_rows: int) -> list[int]:
@@ -92,8 +96,17 @@ class DecodeGraphs:
         return len(self._graphs)
 
     def _capture(self, rows: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        tokens, positions, write_pos = self._inputs[0, :rows], self._inputs[1, :rows], self._inputs[2, :rows]
         saved = self._inputs.clone()
+        try:
+            return self._capture_graph(rows, length)
+        except Exception as e:
+            raise GraphCaptureError(f"capturing the decode step ({rows} rows, {length} positions) as a CUDA graph "
+                                    f"failed: {type(e).__name__}: {e}") from e
+        finally:
+            self._inputs.copy_(saved)
+
+    def _capture_graph(self, rows: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        tokens, positions, write_pos = self._inputs[0, :rows], self._inputs[1, :rows], self._inputs[2, :rows]
         write_pos.fill_(self._scratch)  # warm-up and capture runs must not write into any sequence's cache
         stream = torch.cuda.Stream(self._device)
         stream.wait_stream(torch.cuda.current_stream(self._device))
@@ -105,6 +118,5 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._pool):
             out = self._decode(tokens, positions, write_pos, length)
         self._pool = graph.pool()
-        self._inputs.copy_(saved)
         self._graphs[(rows, length)] = (graph, out)
         return graph, out

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import torch
 
 from chatray.model import config_context_length
-from chatray.serve.cudagraphs import DecodeGraphs
+from chatray.serve.cudagraphs import DecodeGraphs, GraphCaptureError
 from chatray.serve.detokenize import Detokenizer
 from chatray.serve.gpt2 import GPT2Forward
 from chatray.serve.kvcache import KVCache, cache_slots_for_budget
@@ -229,6 +229,30 @@ class GenerationEngine:
                       attn_len: int) -> torch.Tensor:
         return self.forward.decode_logits(tokens, positions, write_pos, self.cache, attn_len)
 
+    def warm_up(self) -> int:
+        """Capture the decode step's CUDA graphs now, so that no request waits for a capture; returns how many
+        (0 on CPU, or when capturing fails: decode steps then run eagerly)."""
+        if self._graphs is None:
+            return 0
+        try:
+            with torch.inference_mode():
+                return self._graphs.warm_up()
+        except GraphCaptureError as e:
+            self._no_graphs(e)
+            return 0
+
+    def _no_graphs(self, error: Exception) -> None:
+        logger.warning("[chatray serve] warning: %s; decode steps run eagerly from now on", error)
+        self._graphs = None
+
+    def _run_decode(self, inputs: torch.Tensor, attn_len: int) -> torch.Tensor:
+        if self._graphs is not None:
+            try:
+                return self._graphs(inputs, attn_len)
+            except GraphCaptureError as e:
+                self._no_graphs(e)
+        return self._eager_decode(inputs[0], inputs[1], inputs[2], attn_len)
+
     def _decode(self, seqs: list[Seq], packed: bool = False) -> list[tuple[Seq, int]]:
         """One token for each of ``seqs``. ``packed``: they are all the running sequences, and the step covers
         cache slots ``0..R-1`` as views (the CUDA-graph path); otherwise just their slots (a gather)."""
@@ -240,9 +264,7 @@ class GenerationEngine:
                 host[0][s.slot], host[1][s.slot], host[2][s.slot] = s.output_ids[-1], s.length - 1, s.length - 1
                 host[3][s.slot] = len(s.output_ids)
             inputs = torch.tensor(host, dtype=torch.long).to(self.device, non_blocking=True)
-            run = self._graphs if self._graphs is not None else (
-                lambda x, n: self._eager_decode(x[0], x[1], x[2], n))
-            logits = run(inputs[:3], attn_len)  # (rows, V)
+            logits = self._run_decode(inputs[:3], attn_len)  # (rows, V)
             index: torch.Tensor | int = rows
             counters = inputs[3]
             picked = [s.slot for s in seqs]

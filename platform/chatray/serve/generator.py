@@ -80,6 +80,7 @@ class Generator:
         core = GenerationEngine(model, tokenizer, max_batch_size=s.max_batch_size, max_model_len=s.max_model_len,
                                 max_num_batched_tokens=s.max_num_batched_tokens,
                                 gpu_memory_utilization=s.gpu_memory_utilization, cuda_graphs=s.cuda_graphs)
+        graphs = core.warm_up()  # CUDA graphs of every decode-step shape, before the first request (GPU only)
         self._engine = AsyncEngine(core, batch_wait_timeout_s=s.batch_wait_timeout_s, step_delay_s=s.step_delay_s,
                                    metrics=EngineMetrics(ray_sink(s.model_name)))
         self._tokenizer = tokenizer
@@ -94,6 +95,7 @@ class Generator:
             "context_length": self._engine.engine.context_length, "device": str(self._engine.engine.device),
             "dtype": str(model.dtype).removeprefix("torch."), "max_batch_size": core.max_batch_size,
             "kv_cache_mib": round(core.cache.nbytes() / 2**20, 1), "max_num_batched_tokens": s.max_num_batched_tokens,
+            "cuda_graphs": graphs,
             "loaded_at": int(time.time()), "torch_threads": torch.get_num_threads(),
             "replica": serve.get_replica_context().replica_tag,
         }

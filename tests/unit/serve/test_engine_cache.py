@@ -202,3 +202,27 @@ def test_cuda_graph_decode_matches_eager(tiny_checkpoint):  # pragma: no cover -
     eager = eager.generate(prompts, params)
     graphed = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[]).generate(prompts, params)
     assert [c.text for c in graphed] == [c.text for c in eager]
+
+
+def test_decode_runs_eagerly_when_a_cuda_graph_cannot_be_captured(tiny_model, caplog):
+    """A capture failure (an op the installed CUDA cannot capture) costs speed, never a request."""
+    from chatray.serve.cudagraphs import GraphCaptureError
+
+    model, tok = tiny_model
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    want = GenerationEngine(model, tok, max_batch_size=2, eos_token_ids=[]).generate([[1, 2, 3]], params)[0].text
+    engine = GenerationEngine(model, tok, max_batch_size=2, eos_token_ids=[])
+
+    class Uncapturable:
+        def __call__(self, inputs, attn_len):
+            raise GraphCaptureError("capturing the decode step (1 rows, 128 positions) as a CUDA graph failed")
+
+        def warm_up(self):
+            self(None, 0)
+
+    engine._graphs = Uncapturable()
+    assert engine.warm_up() == 0 and engine._graphs is None
+    assert "decode steps run eagerly" in caplog.text
+    engine._graphs = Uncapturable()  # also when the first capture happens mid-request
+    assert engine.generate([[1, 2, 3]], params)[0].text == want
+    assert engine._graphs is None and engine.stats["failed"] == 0
