@@ -35,7 +35,7 @@ from chatray.model import config_context_length
 from chatray.serve.cudagraphs import DecodeGraphs, GraphCaptureError
 from chatray.serve.detokenize import Detokenizer
 from chatray.serve.gpt2 import GPT2Forward
-from chatray.serve.kvcache import KVCache, cache_slots_for_budget
+from chatray.serve.kvcache import KVCache, cache_slots_for_budget, gpu_cache_budget
 from chatray.serve.logprobs import TokenLogprob, position_logprobs
 from chatray.serve.outputs import Completion, EngineError, StepOutput, gather_outputs
 from chatray.serve.sampling import SamplerPlan, SamplingParams, new_seed, sample, seeded_uniforms
@@ -93,7 +93,7 @@ class GenerationEngine:
         self.eos_token_ids = frozenset(eos_token_ids if eos_token_ids is not None else _eos_ids(model, tokenizer))
         shape = self.forward.cache_shape(self.context_length)
         if kv_cache_bytes is None and self.device.type == "cuda":
-            kv_cache_bytes = _gpu_cache_budget(self.device, gpu_memory_utilization, max_num_batched_tokens,
+            kv_cache_bytes = gpu_cache_budget(self.device, gpu_memory_utilization, max_num_batched_tokens,
                                                self.vocab_size, self.forward.n_embd)
         slots = cache_slots_for_budget(shape, self.forward.dtype, max_batch_size, kv_cache_bytes)
         self.cache = KVCache(shape, slots, self.forward.dtype, self.device)
@@ -424,37 +424,10 @@ class GenerationEngine:
         return outs
 
     def _consume_one(self, seq: Seq, tok: int) -> StepOutput:
-        seq.output_ids.append(tok)
+        out = seq.accept(tok, self.eos_token_ids, self.context_length)
         self.stats["generated_tokens"] += 1
-        is_eos = tok in self.eos_token_ids and not seq.params.ignore_eos
-        if is_eos or seq.text.add(seq.output_ids):
-            seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= seq.params.max_tokens or seq.length >= self.context_length:
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            self.stats["finished"] += 1
-            # What the window still holds goes out at the end; it may complete a stop string.
-            if (is_eos or seq.finish_reason == "length") and seq.text.flush(self._text_ids(seq)):
-                seq.finish_reason = "stop"
-        delta = seq.text.take(final=seq.finish_reason is not None)
-        logprobs = (seq.step_logprob,) if seq.step_logprob is not None else ()
-        prompt_lps = tuple(seq.prompt_lps) if seq.prompt_lps is not None else None
-        out = StepOutput(seq.request_id, delta, seq.finish_reason, len(seq.prompt_ids), len(seq.output_ids),
-                         logprobs, prompt_lps)
-        seq.step_logprob = seq.prompt_lps = None
+        self.stats["finished"] += out.finish_reason is not None
         return out
-
-    def _text_ids(self, seq: Seq) -> list[int]:
-        """The output ids that make text: an EOS that ended the request is counted but not decoded."""
-        return [i for i in seq.output_ids if not (i in self.eos_token_ids and not seq.params.ignore_eos)]
-
-
-def _gpu_cache_budget(device: torch.device, utilization: float, batched_tokens: int, vocab: int, embd: int) -> int:
-    """Bytes left for the KV cache on a GPU: ``utilization`` of the card, minus what is allocated now (the
-    weights) and a reserve for one step's activations (a full token budget's hidden states and logits)."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    reserve = batched_tokens * embd * 4 * 16 + batched_tokens * vocab * 4 * 2 + (256 << 20)
-    return int(total * utilization) - torch.cuda.memory_allocated(device) - reserve
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["CacheShape", "KVCache", "cache_slots_for_budget"]
+__all__ = ["CacheShape", "KVCache", "cache_slots_for_budget", "gpu_cache_budget"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,14 @@ def cache_slots_for_budget(shape: CacheShape, dtype: torch.dtype, wanted: int, b
         logger.warning("[chatray serve] KV cache budget holds %d sequences of %d tokens, not max_batch_size=%d: "
                        "at most %d run at once", fits, shape.positions, wanted, fits)
     return int(min(wanted, fits))
+
+
+def gpu_cache_budget(device: torch.device, utilization: float, batched_tokens: int, vocab: int, embd: int) -> int:
+    """Bytes left for the KV cache on a GPU: ``utilization`` of the card, minus what is allocated now (the
+    weights) and a reserve for one step's activations (a full token budget's hidden states and logits)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    reserve = batched_tokens * embd * 4 * 16 + batched_tokens * vocab * 4 * 2 + (256 << 20)
+    return int(total * utilization) - torch.cuda.memory_allocated(device) - reserve
 
 
 class KVCache:

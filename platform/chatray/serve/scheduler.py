@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from chatray.serve.detokenize import Detokenizer
 from chatray.serve.kvcache import KVCache
 from chatray.serve.logprobs import TokenLogprob
-from chatray.serve.outputs import FinishReason
+from chatray.serve.outputs import FinishReason, StepOutput
 from chatray.serve.sampling import SamplingParams
 
 __all__ = ["Chunk", "Scheduler", "Sequence"]
@@ -41,6 +41,34 @@ class Sequence:
     def length(self) -> int:
         """Tokens in the sequence so far (prompt and output)."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def accept(self, token: int, eos_ids: frozenset[int], max_len: int) -> StepOutput:
+        """Add a sampled token: detokenize, decide whether the sequence finishes, and say what to hand out.
+
+        Args:
+            token: the token sampled for this sequence.
+            eos_ids: ids that end generation (unless the request ignores EOS).
+            max_len: the most tokens (prompt + output) the sequence may reach.
+        """
+        self.output_ids.append(token)
+        is_eos = token in eos_ids and not self.params.ignore_eos
+        if is_eos or self.text.add(self.output_ids):
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.params.max_tokens or self.length >= max_len:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            # What the window still holds goes out at the end; it may complete a stop string. An EOS that ended
+            # the request is counted but not decoded.
+            text_ids = [i for i in self.output_ids if not (i in eos_ids and not self.params.ignore_eos)]
+            if (is_eos or self.finish_reason == "length") and self.text.flush(text_ids):
+                self.finish_reason = "stop"
+        delta = self.text.take(final=self.finish_reason is not None)
+        logprobs = (self.step_logprob,) if self.step_logprob is not None else ()
+        prompt_lps = tuple(self.prompt_lps) if self.prompt_lps is not None else None
+        out = StepOutput(self.request_id, delta, self.finish_reason, len(self.prompt_ids), len(self.output_ids),
+                         logprobs, prompt_lps)
+        self.step_logprob = self.prompt_lps = None
+        return out
 
 
 @dataclass(frozen=True)
