@@ -226,3 +226,44 @@ def test_decode_runs_eagerly_when_a_cuda_graph_cannot_be_captured(tiny_model, ca
     engine._graphs = Uncapturable()  # also when the first capture happens mid-request
     assert engine.generate([[1, 2, 3]], params)[0].text == want
     assert engine._graphs is None and engine.stats["failed"] == 0
+
+
+def test_bucketed_decode_steps_give_the_exact_steps_tokens(tiny_model):
+    """What the CUDA graphs replay, run eagerly on CPU: rows padded up to a batch bucket (writing to the scratch
+    position), attention over a length bucket (positions past each row's own masked), slots with holes left by
+    finished requests. Greedy tokens are those of exact-size steps."""
+    from chatray.serve.cudagraphs import DecodeGraphs
+
+    class EagerReplay(DecodeGraphs):  # the capture machinery without CUDA: replay = the same call on the buffers
+        def _capture_graph(self, rows, length):
+            args = (self._inputs[0, :rows], self._inputs[1, :rows], self._inputs[2, :rows], length)
+            out = self._decode(*args).clone()
+
+            class Replay:
+                def replay(self_inner):
+                    out.copy_(self._decode(*args))
+
+            self._graphs[(rows, length)] = (Replay(), out)
+            return Replay(), out
+
+    model, tok = tiny_model
+    rng = random.Random(5)
+    prompts = [[rng.randrange(len(tok)) for _ in range(rng.randint(1, 40))] for _ in range(9)]
+    lengths = [rng.randint(2, 30) for _ in prompts]
+
+    def run(engine):
+        got = _token_ids(engine)
+        for i, (p, n) in enumerate(zip(prompts, lengths)):
+            engine.add_request(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0))
+            engine.step()  # arrivals spread over steps: slots free up and fill again with holes between
+        while engine.has_unfinished():
+            engine.step()
+        return got
+
+    exact = run(GenerationEngine(model, tok, max_batch_size=6, eos_token_ids=[]))
+    bucketed = GenerationEngine(model, tok, max_batch_size=6, max_model_len=100, eos_token_ids=[])
+    bucketed._graphs = EagerReplay(bucketed._eager_decode, max_rows=6, max_len=100,
+                                   scratch=bucketed.cache.scratch, device=bucketed.device)
+    assert bucketed._graphs.rows == [1, 2, 4, 6] and bucketed._graphs.lengths == [100]
+    assert run(bucketed) == exact
+    assert {rows for rows, _ in bucketed._graphs._graphs} >= {4, 6}  # padded buckets were used
