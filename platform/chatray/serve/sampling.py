@@ -210,26 +210,39 @@ def sample(
     if plan.all_greedy:
         return greedy_tokens
     scaled = logits / torch.where(greedy, torch.ones_like(temperature), temperature)[:, None]
-    vocab = scaled.shape[-1]
-    need_k, need_p = plan.top_k, plan.top_p
-    if need_k or need_p:
-        if 0 < plan.candidates < vocab:  # tokens past every row's top_k never get picked: rank only the first ones
-            values, order = scaled.topk(plan.candidates, dim=-1)  # (B, C) each, sorted
-        else:
-            values, order = scaled.sort(dim=-1, descending=True)  # (B, V) each
-        if need_k:
-            k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-            ranks = torch.arange(values.shape[-1], device=values.device)[None, :]
-            values = values.masked_fill(ranks >= k[:, None], float("-inf"))
-        if need_p:
-            probs = values.softmax(dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs  # (B, V): probability of strictly better tokens
-            p = torch.where(top_p >= 1.0, torch.full_like(top_p, float("inf")), top_p)
-            values = values.masked_fill(mass_before >= p[:, None], float("-inf"))
-    else:
-        values, order = scaled, None
-    cdf = values.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    if plan.top_k or plan.top_p:
+        scaled = scaled.masked_fill(scaled < _keep_threshold(scaled, top_k, top_p, plan), float("-inf"))
+    # The draw walks each row's kept tokens in vocabulary order: a row's token depends on its own logits and its
+    # own random number, never on how the rest of the batch made the sampler rank.
+    cdf = scaled.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
     target = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]  # (B, 1), below the total mass
-    pos = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1)  # (B, 1)
-    picked = (order.gather(-1, pos) if order is not None else pos).squeeze(-1)
+    picked = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[-1] - 1).squeeze(-1)
     return torch.where(greedy, greedy_tokens, picked)
+
+
+def _keep_threshold(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, plan: SamplerPlan) -> torch.Tensor:
+    """(B, 1): each row keeps the tokens whose scaled logit is at least this.
+
+    Thresholds rather than positions in a ranking, so that tokens tied at the boundary are all kept (as
+    transformers' top-k keeps them) and the kept set does not depend on the order a sort gives ties. Top-k is
+    applied first, then top-p over the distribution top-k left (transformers' order).
+    """
+    vocab = scaled.shape[-1]
+    if 0 < plan.candidates < vocab:  # tokens past every row's top_k are never kept: rank only the first ones
+        ranked = scaled.topk(plan.candidates, dim=-1).values  # (B, C), descending
+    else:
+        ranked = scaled.sort(dim=-1, descending=True).values  # (B, V)
+    width = ranked.shape[-1]
+    threshold = torch.full_like(ranked[:, :1], float("-inf"))
+    if plan.top_k:
+        kth = ranked.gather(-1, (top_k.clamp(min=1, max=width) - 1)[:, None])
+        threshold = torch.where(top_k[:, None] > 0, kth, threshold)
+    if plan.top_p:
+        kept = scaled.masked_fill(scaled < threshold, float("-inf"))
+        log_total = torch.logsumexp(kept, dim=-1, keepdim=True)
+        mass = (ranked - log_total).exp().masked_fill(ranked < threshold, 0.0).cumsum(dim=-1)  # (B, C or V)
+        # The smallest set of best tokens whose mass reaches top_p ends at the first position where it does.
+        last = (mass < top_p[:, None]).sum(dim=-1, keepdim=True).clamp(max=width - 1)
+        cutoff = ranked.gather(-1, last)
+        threshold = torch.where(top_p[:, None] < 1.0, torch.maximum(threshold, cutoff), threshold)
+    return threshold

@@ -267,3 +267,14 @@ def test_bucketed_decode_steps_give_the_exact_steps_tokens(tiny_model):
     assert bucketed._graphs.rows == [1, 2, 4, 6] and bucketed._graphs.lengths == [100]
     assert run(bucketed) == exact
     assert {rows for rows, _ in bucketed._graphs._graphs} >= {4, 6}  # padded buckets were used
+
+
+def test_a_seeded_request_draws_the_same_tokens_whatever_its_batch_mates_ask_for(tiny_model):
+    model, tok = tiny_model
+    mine = SamplingParams(max_tokens=12, temperature=1.0, seed=1234, ignore_eos=True)
+    alone = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[]).generate([[10, 20, 30]], mine)[0]
+    for mate in (SamplingParams(max_tokens=12, temperature=1.0, seed=9), SamplingParams(max_tokens=12, top_p=0.9),
+                 SamplingParams(max_tokens=12, top_k=50), SamplingParams(max_tokens=3, temperature=0.0,
+                                                                         repetition_penalty=1.5)):
+        engine = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[])
+        assert engine.generate([[10, 20, 30], [40, 50, 60]], [mine, mate])[0].text == alone.text, mate

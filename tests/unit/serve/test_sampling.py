@@ -145,3 +145,37 @@ def test_ranking_only_the_top_k_candidates_picks_what_a_full_sort_picks():
         u = seeded_uniforms(torch.full((4,), seed), torch.arange(4))
         assert sample(logits, **rows, uniforms=u, plan=fast).tolist() == \
             sample(logits, **rows, uniforms=u, plan=full).tolist()
+
+
+def test_a_rows_token_does_not_depend_on_its_batch_mates_settings():
+    """Same row, same random number: the same token whatever the other rows ask for (which changes how the
+    sampler ranks), also with bf16 logits, whose ties are common among the best candidates."""
+    torch.manual_seed(0)
+    row = (torch.randn(5000) * 3).to(torch.bfloat16).float()
+    assert len(set(row.topk(50).values.tolist())) < 50  # ties there are
+
+    def token(mine: SamplingParams, mate: SamplingParams, u: float) -> int:
+        params = [mine, mate]
+
+        def col(get, dtype=torch.float32):
+            return torch.tensor([get(p) for p in params], dtype=dtype)
+
+        return sample(row.expand(2, -1).clone(), temperature=col(lambda p: p.temperature),
+                      top_k=col(lambda p: p.top_k, torch.long), top_p=col(lambda p: p.top_p),
+                      repetition_penalty=col(lambda p: p.repetition_penalty), uniforms=torch.full((2,), u),
+                      plan=SamplerPlan.of(params))[0].item()
+
+    mates = [SamplingParams(), SamplingParams(top_p=0.9), SamplingParams(top_k=40), SamplingParams(top_k=1000),
+             SamplingParams(temperature=0.0)]
+    for mine in (SamplingParams(), SamplingParams(top_k=50), SamplingParams(top_p=0.8),
+                 SamplingParams(top_k=30, top_p=0.9, temperature=0.7)):
+        for i in range(300):
+            u = (i + 0.5) / 300
+            picks = {token(mine, mate, u) for mate in mates}
+            assert len(picks) == 1, f"{mine} drew {picks} at u={u} depending on its batch-mate"
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    logits = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]])
+    picks = {sample(logits, **_rows(1, top_k=2), uniforms=torch.tensor([u / 50])).item() for u in range(50)}
+    assert picks == {0, 1, 2, 3}  # the 2nd best value is shared by three tokens: all three stay, as in transformers
