@@ -217,11 +217,18 @@ class GenerationEngine:
         done: dict[str, Completion] = {}
         while len(done) < len(ids):
             for out in self.step():
+                if out.request_id not in outs:  # another caller's request sharing the engine
+                    continue
                 outs[out.request_id].append(out)
                 if out.finish_reason is not None:
                     done[out.request_id] = gather_outputs(outs[out.request_id])
-            for rid, why in self.take_failures():
-                raise EngineError(f"request {rid} failed: {why}")
+            failed = [(rid, why) for rid, why in self.take_failures() if rid in outs]
+            if failed:
+                for rid in ids:
+                    if rid not in done:
+                        self.abort_request(rid)
+                self._take_incoming()  # the aborts take effect now, not at somebody's next step
+                raise EngineError(f"request {failed[0][0]} failed: {failed[0][1]}")
         return [done[rid] for rid in ids]
 
     # ------------------------------------------------------------------ the forward passes
@@ -332,7 +339,8 @@ class GenerationEngine:
         if targets:
             entries += position_logprobs(logits[:len(targets)].float(),
                                          torch.tensor(targets, device=logits.device), k)
-        seq.prompt_lps = (seq.prompt_lps or []) + entries
+        # Entries for tokens 0..start exist already (none before the first chunk); a retried chunk replaces its own.
+        seq.prompt_lps = (seq.prompt_lps or [])[:chunk.start + 1 if chunk.start else 0] + entries
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, logits: torch.Tensor, rows: list[Seq], index: torch.Tensor | int, counters: torch.Tensor,
@@ -361,14 +369,16 @@ class GenerationEngine:
         tokens = sample(logits, **{k: v for k, v in state.items() if k not in ("seen", "counts")},
                         uniforms=uniforms, seen=state["seen"],
                         counts=state["counts"] if plan.presence_frequency else None, plan=plan)
-        # A row with a penalty is in every step's plan while it runs, so its history is never missing a token.
-        self.slots.record(index, tokens, seen=plan.repetition, count=plan.presence_frequency)
         host = tokens.tolist()  # the step's one wait for the device
         if want:
             k = max(r.params.logprobs or 0 for _, r in want)
             chosen = torch.tensor([host[i] for i, _ in want], device=logits.device)
             for (_, r), entry in zip(want, position_logprobs(raw, chosen, k)):
                 r.step_logprob = TokenLogprob(entry.token_id, entry.logprob, entry.top[:r.params.logprobs])
+        # Last, after everything that can fail: a step retried row by row (see _isolated) must not find its first
+        # attempt's tokens in the history. A row with a penalty is in every step's plan while it runs, so its
+        # history is never missing a token.
+        self.slots.record(index, tokens, seen=plan.repetition, count=plan.presence_frequency)
         return tokens, [host[i] for i in where]
 
     # ------------------------------------------------------------------ bookkeeping

@@ -278,3 +278,47 @@ def test_a_seeded_request_draws_the_same_tokens_whatever_its_batch_mates_ask_for
                                                                          repetition_penalty=1.5)):
         engine = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[])
         assert engine.generate([[10, 20, 30], [40, 50, 60]], [mine, mate])[0].text == alone.text, mate
+
+
+def test_a_batch_retried_row_by_row_gives_what_it_would_have_given(tiny_model, monkeypatch):
+    """A failure after the batch was sampled (here: logprobs, e.g. out of memory) is retried row by row; the retry
+    finds no trace of the first attempt in the penalties' history, and prompt logprobs are not doubled."""
+    import chatray.serve.engine as engine_module
+
+    model, tok = tiny_model
+    both = {"max_tokens": 8, "temperature": 1.0, "frequency_penalty": 2.0, "logprobs": 0, "prompt_logprobs": 1}
+    params = [SamplingParams(**both, repetition_penalty=1.5, seed=1), SamplingParams(**both, seed=2)]
+    prompts = [[1, 2, 3, 4], [5, 6, 7]]
+    want = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[]).generate(prompts, params)
+    real = engine_module.position_logprobs
+    calls = {"scoring": 0, "batched sampling": 0}
+    failures = {"left": 2}
+
+    def flaky(raw, chosen, k):
+        # Fail once while scoring the first prompt chunk of the batched prefill, and once in the first batched
+        # decode step (the second batched sampling call; the first is the prefill's), after the batch was sampled.
+        kind = "scoring" if k == 1 else "batched sampling" if raw.shape[0] == 2 else "row"
+        calls[kind] = calls.get(kind, 0) + 1
+        if (kind, calls[kind]) in (("scoring", 1), ("batched sampling", 2)):
+            failures["left"] -= 1
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(raw, chosen, k)
+
+    monkeypatch.setattr(engine_module, "position_logprobs", flaky)
+    engine = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[])
+    got = engine.generate(prompts, params)
+    assert failures["left"] == 0 and engine.stats["failed"] == 0
+    assert [c.text for c in got] == [c.text for c in want]
+    for g, w, p in zip(got, want, prompts):
+        assert [e.token_id for e in g.prompt_logprobs] == p == [e.token_id for e in w.prompt_logprobs]
+        assert [e.token_id for e in g.logprobs] == [e.token_id for e in w.logprobs]
+
+
+def test_generate_shares_the_engine_with_other_requests(tiny_model):
+    model, tok = tiny_model
+    engine = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[])
+    engine.add_request("someone-else", [9, 9], SamplingParams(max_tokens=50, temperature=0.0))
+    engine.step()
+    mine = engine.generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0.0))
+    assert mine[0].completion_tokens == 5
+    assert [s.request_id for s in engine.scheduler.running] == ["someone-else"]
