@@ -12,6 +12,7 @@ memory pool; :meth:`DecodeGraphs.warm_up` captures them all up front.
 from __future__ import annotations
 
 import bisect
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -83,17 +84,22 @@ class DecodeGraphs:
         if rows > n:  # padding rows: token 0 at position 0, written nowhere
             self._inputs[:2, n:rows].zero_()
             self._inputs[2, n:rows].fill_(self._scratch)
-        graph, out = self._graphs.get((rows, length)) or self._capture(rows, length)
-        graph.replay()
+        with self._on_device():  # graphs are captured and replayed on the engine's own GPU
+            graph, out = self._graphs.get((rows, length)) or self._capture(rows, length)
+            graph.replay()
         return out[:n]
 
     def warm_up(self) -> int:
         """Capture every bucket pair now (so no request waits for a capture); returns how many."""
-        for rows in self.rows:
-            for length in self.lengths:
-                if (rows, length) not in self._graphs:
-                    self._capture(rows, length)
+        with self._on_device():
+            for rows in self.rows:
+                for length in self.lengths:
+                    if (rows, length) not in self._graphs:
+                        self._capture(rows, length)
         return len(self._graphs)
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        return torch.cuda.device(self._device) if self._device.type == "cuda" else contextlib.nullcontext()
 
     def _capture(self, rows: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         saved = self._inputs.clone()
@@ -115,7 +121,8 @@ class DecodeGraphs:
                 self._decode(tokens, positions, write_pos, length)
         torch.cuda.current_stream(self._device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # An explicit stream of the engine's device: the default capture stream belongs to the current device.
+        with torch.cuda.graph(graph, pool=self._pool, stream=stream):
             out = self._decode(tokens, positions, write_pos, length)
         self._pool = graph.pool()
         self._graphs[(rows, length)] = (graph, out)
