@@ -19,7 +19,9 @@ from chatray.serve.sampling import SamplingParams
 
 
 def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    dev = next(model.parameters()).device
+    out = model.generate(torch.tensor([ids], device=dev), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                                                   device=dev),
                          max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return out[0, len(ids):].tolist()
 
@@ -191,7 +193,7 @@ def test_graph_buckets_cover_every_size():
     assert length_buckets(1024) == [128, 256, 512, 1024] and length_buckets(100) == [100]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager(tiny_checkpoint):  # pragma: no cover - runs on GPU machines only
     from chatray.model import load_model, load_model_tokenizer
 
@@ -199,9 +201,14 @@ def test_cuda_graph_decode_matches_eager(tiny_checkpoint):  # pragma: no cover -
     prompts = [[1, 2, 3], [4, 5], [6] * 20]
     params = SamplingParams(max_tokens=20, temperature=0.0)
     eager = GenerationEngine(model, tok, max_batch_size=4, cuda_graphs=False, eos_token_ids=[])
-    eager = eager.generate(prompts, params)
-    graphed = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[]).generate(prompts, params)
-    assert [c.text for c in graphed] == [c.text for c in eager]
+    engine = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[])
+    assert engine.warm_up() > 0  # captured, not fallen back to eager
+    got = _token_ids(engine)
+    graphed = engine.generate(prompts, params)
+    assert [c.text for c in graphed] == [c.text for c in eager.generate(prompts, params)]
+    assert engine._graphs is not None
+    for p, ids in zip(prompts, got.values()):
+        assert ids == _hf_greedy(model, p, 20)
 
 
 def test_decode_runs_eagerly_when_a_cuda_graph_cannot_be_captured(tiny_model, caplog):
