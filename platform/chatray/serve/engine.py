@@ -357,10 +357,12 @@ class GenerationEngine:
         want = [(i, r) for i, r in zip(where, rows) if r.params.logprobs is not None]
         if want:  # logprobs are the raw distribution: keep a copy of the logits before masking and penalties
             raw = logits.index_select(0, torch.tensor([i for i, _ in want], device=logits.device))
-        if self._vocab_limit is not None:
-            logits[:, self._vocab_limit:] = float("-inf")
         plan = SamplerPlan.of([r.params for r in rows])
         state = self.slots.rows(index)
+        if self._vocab_limit is not None:  # ids past the tokenizer are never sampled: leave their columns out
+            limit = self._vocab_limit
+            logits = logits[:, :limit]
+            state = {k: v[:, :limit] if k in ("seen", "counts") else v for k, v in state.items()}
         if plan.all_greedy:
             uniforms = counters  # not read: greedy rows take the argmax
         else:
