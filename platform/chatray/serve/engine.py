@@ -279,9 +279,8 @@ class GenerationEngine:
             host = [[s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs], [len(s.output_ids) for s in seqs],
                     [s.slot for s in seqs]]
             inputs = torch.tensor(host, dtype=torch.long).to(self.device, non_blocking=True)
-            h = self.forward.hidden(inputs[0, :, None], inputs[1, :, None], inputs[1, :, None], self.cache,
-                                    attn_len, slots=inputs[3])
-            logits, index, counters, picked = self.forward.logits(h[:, 0]), inputs[3], inputs[2], None
+            logits = self.forward.decode_logits(inputs[0], inputs[1], inputs[1], self.cache, attn_len, slots=inputs[3])
+            index, counters, picked = inputs[3], inputs[2], None
         tokens = self._sample(logits, seqs, index, counters, picked)[1]
         return list(zip(seqs, tokens))
 
@@ -358,19 +357,14 @@ class GenerationEngine:
         if want:  # logprobs are the raw distribution: keep a copy of the logits before masking and penalties
             raw = logits.index_select(0, torch.tensor([i for i, _ in want], device=logits.device))
         plan = SamplerPlan.of([r.params for r in rows])
-        state = self.slots.rows(index)
+        state = self.slots.rows(index, plan)
         if self._vocab_limit is not None:  # ids past the tokenizer are never sampled: leave their columns out
             limit = self._vocab_limit
             logits = logits[:, :limit]
-            state = {k: v[:, :limit] if k in ("seen", "counts") else v for k, v in state.items()}
-        if plan.all_greedy:
-            uniforms = counters  # not read: greedy rows take the argmax
-        else:
-            seeds = self.slots.seed[:index] if isinstance(index, int) else self.slots.seed.index_select(0, index)
-            uniforms = seeded_uniforms(seeds, counters)
-        tokens = sample(logits, **{k: v for k, v in state.items() if k not in ("seen", "counts")},
-                        uniforms=uniforms, seen=state["seen"],
-                        counts=state["counts"] if plan.presence_frequency else None, plan=plan)
+            state.update({k: state[k][:, :limit] for k in ("seen", "counts") if state[k] is not None})
+        # Greedy rows take the argmax: their random numbers are never read.
+        uniforms = counters if plan.all_greedy else seeded_uniforms(self.slots.seeds(index), counters)
+        tokens = sample(logits, **state, uniforms=uniforms, plan=plan)
         host = tokens.tolist()  # the step's one wait for the device
         if want:
             k = max(r.params.logprobs or 0 for _, r in want)

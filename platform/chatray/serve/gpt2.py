@@ -181,7 +181,8 @@ class GPT2Forward:
         return F.linear(hidden, self.lm_head, self.lm_head_bias)
 
     def decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, write_pos: torch.Tensor, cache: KVCache,
-                      attn_len: int) -> torch.Tensor:
-        """One decode step over cache slots ``0..R-1``: (R,) tokens, positions, write positions -> (R, V) logits."""
-        h = self.hidden(tokens[:, None], positions[:, None], write_pos[:, None], cache, attn_len)
+                      attn_len: int, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step: (R,) tokens, positions, write positions -> (R, V) logits, over cache slots ``slots``
+        (None: ``0..R-1``, see :meth:`hidden`)."""
+        h = self.hidden(tokens[:, None], positions[:, None], write_pos[:, None], cache, attn_len, slots)
         return self.logits(h[:, 0])

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from chatray.serve.sampling import SamplingParams
+from chatray.serve.sampling import SamplerPlan, SamplingParams
 
 __all__ = ["SlotState"]
 
@@ -50,14 +50,18 @@ class SlotState:
         cols = torch.tensor([t for p in prompts for t in p], dtype=torch.long).to(dev)
         self.seen[slots.index_select(0, rows), cols] = True
 
-    def rows(self, slots: torch.Tensor | int) -> dict[str, torch.Tensor]:
-        """The sampler's per-row tensors for ``slots`` (an index tensor: a gather) or rows ``0..slots-1`` (views)."""
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            return t[:slots] if isinstance(slots, int) else t.index_select(0, slots)
+    def rows(self, slots: torch.Tensor | int, plan: SamplerPlan) -> dict[str, torch.Tensor | None]:
+        """:func:`~chatray.serve.sampling.sample`'s per-row arguments for ``slots`` (an index tensor: a gather) or
+        rows ``0..slots-1`` (views); the history only when ``plan`` has a penalty that reads it."""
+        return {"temperature": _pick(self.temperature, slots), "top_k": _pick(self.top_k, slots),
+                "top_p": _pick(self.top_p, slots), "repetition_penalty": _pick(self.penalty, slots),
+                "presence_penalty": _pick(self.presence, slots), "frequency_penalty": _pick(self.frequency, slots),
+                "seen": _pick(self.seen, slots) if plan.repetition else None,
+                "counts": _pick(self.counts, slots) if plan.presence_frequency else None}
 
-        return {"temperature": pick(self.temperature), "top_k": pick(self.top_k), "top_p": pick(self.top_p),
-                "repetition_penalty": pick(self.penalty), "presence_penalty": pick(self.presence),
-                "frequency_penalty": pick(self.frequency), "seen": pick(self.seen), "counts": pick(self.counts)}
+    def seeds(self, slots: torch.Tensor | int) -> torch.Tensor:
+        """The rows' seeds (see :func:`~chatray.serve.sampling.seeded_uniforms`)."""
+        return _pick(self.seed, slots)
 
     def record(self, slots: torch.Tensor | int, tokens: torch.Tensor, seen: bool, count: bool) -> None:
         """Add the sampled ``tokens`` to the rows' history: ``seen`` (for the repetition penalty) and ``count``
@@ -69,3 +73,7 @@ class SlotState:
             self.seen[idx, tokens] = True
         if count:
             self.counts[idx, tokens] += 1
+
+
+def _pick(t: torch.Tensor, slots: torch.Tensor | int) -> torch.Tensor:
+    return t[:slots] if isinstance(slots, int) else t.index_select(0, slots)
