@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from support.generation import hf_greedy, spy_token_ids
 
 from chatray.serve.app import ServeArgs
 from chatray.serve.async_engine import AsyncEngine
@@ -14,12 +15,6 @@ from chatray.serve.engine import GenerationEngine
 from chatray.serve.sampling import SamplingParams
 
 BATCH = ServeArgs().max_batch_size  # the batch size a replica gets unless serve_config.yaml says otherwise
-
-
-def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 def _run(engine: GenerationEngine, schedule: list[tuple[str, list[int], SamplingParams]], joins_per_step: int = 1):
@@ -49,20 +44,12 @@ def test_continuous_batching_matches_one_at_a_time_greedy(tiny_model):
     prompts = [[rng.randrange(len(tok)) for _ in range(rng.randint(1, 30))] for _ in range(9)]
     lengths = [rng.randint(1, 25) for _ in prompts]
     engine = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[])
-    captured: dict[str, list[int]] = {}
-    real = engine._consume
-
-    def spy(rows, tokens):
-        for s, t in zip(rows, tokens):
-            captured.setdefault(s.request_id, []).append(t)
-        return real(rows, tokens)
-
-    engine._consume = spy
+    captured = spy_token_ids(engine)
     schedule = [(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0)) for i, (p, n) in
                 enumerate(zip(prompts, lengths))]
     outs = _run(engine, schedule, joins_per_step=2)
     for i, (p, n) in enumerate(zip(prompts, lengths)):
-        assert captured[f"r{i}"] == _hf_greedy(model, p, n), f"request {i} diverged"
+        assert captured[f"r{i}"] == hf_greedy(model, p, n), f"request {i} diverged"
         last = outs[f"r{i}"][-1]
         assert (last.finish_reason, last.prompt_tokens, last.completion_tokens) == ("length", len(p), n)
     assert engine.stats["max_batch_seen"] == 4
@@ -168,11 +155,10 @@ def test_padded_vocabulary_is_never_sampled(tiny_checkpoint, tmp_path):
     tok = AutoTokenizer.from_pretrained(tiny_checkpoint)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64, vocab_size=len(tok) + 64))
     engine = GenerationEngine(model.eval(), tok, max_batch_size=BATCH, eos_token_ids=[])
-    seen: list[int] = []
-    real = engine._consume
-    engine._consume = lambda rows, tokens: (seen.extend(tokens), real(rows, tokens))[1]
+    got = spy_token_ids(engine)
     engine.generate([[1, 2]] * 4, SamplingParams(max_tokens=40, temperature=2.0, seed=0))
-    assert seen and max(seen) < len(tok)
+    seen = [t for ids in got.values() for t in ids]
+    assert len(seen) == 160 and max(seen) < len(tok)
 
 
 def test_async_engine_streams_and_cancels(tiny_model):

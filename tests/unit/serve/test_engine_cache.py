@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from support.generation import hf_greedy, spy_token_ids
 
 from chatray.serve.async_engine import AsyncEngine
 from chatray.serve.cudagraphs import batch_buckets, length_buckets
@@ -18,28 +19,6 @@ from chatray.serve.outputs import EngineError
 from chatray.serve.sampling import SamplingParams
 
 
-def _hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    dev = next(model.parameters()).device
-    out = model.generate(torch.tensor([ids], device=dev), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                                                   device=dev),
-                         max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(ids):].tolist()
-
-
-def _token_ids(engine: GenerationEngine) -> dict[str, list[int]]:
-    """Spy on the tokens each request gets (the text alone would hide an id that decodes to nothing)."""
-    seen: dict[str, list[int]] = {}
-    real = engine._consume
-
-    def spy(rows, tokens):
-        for s, t in zip(rows, tokens):
-            seen.setdefault(s.request_id, []).append(t)
-        return real(rows, tokens)
-
-    engine._consume = spy
-    return seen
-
-
 def test_chunked_prefill_gives_hf_greedy_tokens(tiny_model):
     """Prompts longer than the token budget are prefilled over several steps, and the tokens are still exactly
     what transformers' generate picks."""
@@ -47,14 +26,14 @@ def test_chunked_prefill_gives_hf_greedy_tokens(tiny_model):
     rng = random.Random(3)
     prompts = [[rng.randrange(len(tok)) for _ in range(n)] for n in (45, 3, 30, 17, 60)]
     engine = GenerationEngine(model, tok, max_batch_size=3, max_num_batched_tokens=16, eos_token_ids=[])
-    got = _token_ids(engine)
+    got = spy_token_ids(engine)
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, SamplingParams(max_tokens=12, temperature=0.0))
     while engine.has_unfinished():
         engine.step()
     assert sorted(got) == [f"p{i}" for i in range(len(prompts))]
     for i, p in enumerate(prompts):
-        assert got[f"p{i}"] == _hf_greedy(model, p, 12), f"prompt {i} ({len(p)} tokens) diverged"
+        assert got[f"p{i}"] == hf_greedy(model, p, 12), f"prompt {i} ({len(p)} tokens) diverged"
     assert engine.stats["steps"] >= sum(map(len, prompts)) // 16  # the budget really cut them
 
 
@@ -203,12 +182,12 @@ def test_cuda_graph_decode_matches_eager(tiny_checkpoint):  # pragma: no cover -
     eager = GenerationEngine(model, tok, max_batch_size=4, cuda_graphs=False, eos_token_ids=[])
     engine = GenerationEngine(model, tok, max_batch_size=4, eos_token_ids=[])
     assert engine.warm_up() > 0  # captured, not fallen back to eager
-    got = _token_ids(engine)
+    got = spy_token_ids(engine)
     graphed = engine.generate(prompts, params)
     assert [c.text for c in graphed] == [c.text for c in eager.generate(prompts, params)]
     assert engine._graphs is not None
     for p, ids in zip(prompts, got.values()):
-        assert ids == _hf_greedy(model, p, 20)
+        assert ids == hf_greedy(model, p, 20)
 
 
 def test_decode_runs_eagerly_when_a_cuda_graph_cannot_be_captured(tiny_model, caplog):
@@ -259,7 +238,7 @@ def test_bucketed_decode_steps_give_the_exact_steps_tokens(tiny_model):
     lengths = [rng.randint(2, 30) for _ in prompts]
 
     def run(engine):
-        got = _token_ids(engine)
+        got = spy_token_ids(engine)
         for i, (p, n) in enumerate(zip(prompts, lengths)):
             engine.add_request(f"r{i}", p, SamplingParams(max_tokens=n, temperature=0.0))
             engine.step()  # arrivals spread over steps: slots free up and fill again with holes between
