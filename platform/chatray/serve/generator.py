@@ -94,13 +94,12 @@ class Generator:
             "local_path": str(local),
             "context_length": self._engine.engine.context_length, "device": str(self._engine.engine.device),
             "dtype": str(model.dtype).removeprefix("torch."), "max_batch_size": core.max_batch_size,
-            "kv_cache_mib": round(core.cache.nbytes() / 2**20, 1), "max_num_batched_tokens": s.max_num_batched_tokens,
-            "cuda_graphs": graphs,
             "loaded_at": int(time.time()), "torch_threads": torch.get_num_threads(),
             "replica": serve.get_replica_context().replica_tag,
         }
-        logger.info("[chatray serve] replica ready: %s from %s on %s in %.1fs", s.model_name, local,
-                    self._info["device"], time.perf_counter() - t0)
+        logger.info("[chatray serve] replica ready: %s from %s on %s in %.1fs; KV cache %d sequences x %d tokens "
+                    "(%.0f MiB), %d CUDA graphs", s.model_name, local, self._info["device"], time.perf_counter() - t0,
+                    core.max_batch_size, core.context_length, core.cache.nbytes() / 2**20, graphs)
 
     def _plan(self, kind: str, body: dict[str, Any]):
         model = ChatCompletionRequest if kind == "chat" else CompletionRequest
